@@ -1,0 +1,157 @@
+//! Policy as the kernel sees it: which cgroup belongs to which scope, and each scope's rule.
+
+use core::mem::size_of;
+
+/// Most scopes one policy may hold; sizes the per-scope maps.
+pub const MAX_SCOPES: u32 = 1024;
+/// Most cgroups that may be named by scopes at once.
+pub const MAX_SCOPED_CGROUPS: u32 = 16384;
+/// Deepest cgroup level the ancestor walk looks at. cgroup trees of real hosts (systemd, kubepods)
+/// stay well below this.
+pub const MAX_CGROUP_LEVEL: u32 = 64;
+/// Number of TCP/UDP ports, the size of the port-indexed maps.
+pub const PORT_COUNT: u32 = 65536;
+/// Row of the counters map that holds decisions about sockets in no scope.
+pub const UNSCOPED_COUNTERS: u32 = MAX_SCOPES;
+/// Value of `PORT_OWNER` for a port that lies in no scope's range.
+pub const NO_OWNER: u32 = 0;
+
+/// The scope takes no action, it only decides and counts (`mode = "audit"`).
+pub const RULE_AUDIT: u32 = 1 << 0;
+/// Explicit binds are limited to the range plus the `BIND_ALLOW` bitmap (`bind = [...]`).
+pub const RULE_BIND_LIST: u32 = 1 << 1;
+/// Refuse ports the kernel autobinds where no hook can steer them (`strict = true`).
+pub const RULE_STRICT: u32 = 1 << 2;
+
+/// One scope's rule, indexed by scope id in `RULES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScopeRule {
+    /// First port of the ephemeral range, inclusive, host order.
+    pub range_lo: u16,
+    /// Last port of the ephemeral range, inclusive, host order.
+    pub range_hi: u16,
+    /// `RULE_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<ScopeRule>() == 8);
+
+impl ScopeRule {
+    pub const fn contains(&self, port: u16) -> bool {
+        self.range_lo <= port && port <= self.range_hi
+    }
+    /// Number of ports in the range; never zero for a rule the daemon wrote.
+    pub const fn size(&self) -> u32 {
+        self.range_hi as u32 - self.range_lo as u32 + 1
+    }
+}
+
+/// Global settings, the single entry of `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Shallowest and deepest cgroup levels that any scope names; the ancestor walk stays
+    /// inside them so unscoped sockets cost as few lookups as possible. `min > max`: no scopes.
+    pub min_level: u32,
+    pub max_level: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// Emit an event for every bind/connect under the attach point, scoped or not.
+pub const CONFIG_OBSERVE: u32 = 1 << 0;
+
+impl Config {
+    pub const fn no_scopes(flags: u32) -> Self {
+        Self {
+            min_level: 1,
+            max_level: 0,
+            flags,
+            _pad: 0,
+        }
+    }
+}
+
+/// The explicit-bind allow list of a scope: one bit per port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortBitmap {
+    pub words: [u64; (PORT_COUNT / 64) as usize],
+}
+const _: () = assert!(size_of::<PortBitmap>() == 8192);
+
+impl PortBitmap {
+    pub const EMPTY: Self = Self {
+        words: [0; (PORT_COUNT / 64) as usize],
+    };
+    pub const fn contains(&self, port: u16) -> bool {
+        self.words[(port / 64) as usize] & (1u64 << (port % 64)) != 0
+    }
+    pub fn insert(&mut self, port: u16) {
+        self.words[(port / 64) as usize] |= 1u64 << (port % 64);
+    }
+}
+
+/// Per-scope decision counters, one row per scope in the per-CPU `COUNTERS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Port-0 binds and unbound connects given a port of the range.
+    pub steered: u64,
+    /// Calls refused with EPERM.
+    pub denied: u64,
+    /// Calls refused with EADDRNOTAVAIL because no port of the range was free.
+    pub exhausted: u64,
+    /// Explicit binds and bound connects that the policy allows.
+    pub allowed: u64,
+    /// Calls an audit-mode scope would have refused.
+    pub audit_would_deny: u64,
+    /// Sockets that sent from a port the kernel autobound outside the range, where no hook
+    /// could steer it (UDP sendmsg on an unbound socket).
+    pub unsteered: u64,
+}
+const _: () = assert!(size_of::<Counters>() == 48);
+
+impl Counters {
+    pub fn add(&mut self, other: &Self) {
+        self.steered += other.steered;
+        self.denied += other.denied;
+        self.exhausted += other.exhausted;
+        self.allowed += other.allowed;
+        self.audit_would_deny += other.audit_would_deny;
+        self.unsteered += other.unsteered;
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and have no padding (asserted above).
+    unsafe impl aya::Pod for super::ScopeRule {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::PortBitmap {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+/// Entries of `PORT_HELD`: one per port for TCP, then one per port for UDP. A port taken for one
+/// protocol is still free for the other.
+pub const HELD_SLOTS: u32 = 2 * PORT_COUNT;
+
+/// The `PORT_HELD` index of `port` for `protocol`.
+pub const fn held_slot(protocol: u32, port: u32) -> u32 {
+    if protocol == crate::IPPROTO_UDP as u32 {
+        PORT_COUNT + (port & 0xffff)
+    } else {
+        port & 0xffff
+    }
+}
+
+/// `SOCKETS` values: the socket's `PORT_HELD` slot in the low 17 bits, plus these bits.
+pub const SOCKET_SLOT_MASK: u32 = HELD_SLOTS - 1;
+/// The socket's port was added to `PORT_HELD`; its release takes it away again.
+pub const SOCKET_COUNTED: u32 = 1 << 20;
+/// The socket's port came from an explicit bind() the policy allowed.
+pub const SOCKET_EXPLICIT: u32 = 1 << 21;
+/// The socket's port was autobound by the kernel and has been reported once.
+pub const SOCKET_REPORTED: u32 = 1 << 22;

@@ -1,0 +1,126 @@
+//! Keeping `PORT_HELD` true: ports taken by binds, given back by releases, and the one path
+//! where the kernel picks a port that no hook can steer (UDP sendmsg on an unbound socket).
+
+use aya_ebpf::{
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
+use portguard_common::{
+    IPPROTO_TCP, IPPROTO_UDP, NO_OWNER, OP_SENDMSG, RULE_AUDIT, RULE_STRICT, SOCKET_COUNTED,
+    SOCKET_EXPLICIT, SOCKET_REPORTED, SOCKET_SLOT_MASK, VERDICT_AUTOBOUND, held_slot,
+};
+
+use crate::{
+    bind::{ALLOW, DENY, ON_INTERNAL_ERROR, refuse},
+    events::{Decision, emit},
+    maps::SOCKETS,
+    scope::{add_port_held, count, current_scope, port_owner},
+};
+
+/// After a successful bind() (not `bpf_bind`, which connect4 accounts for itself).
+#[cgroup_sock(post_bind4)]
+pub fn pg_post_bind4(ctx: SockContext) -> i32 {
+    try_post_bind4(&ctx).unwrap_or(ON_INTERNAL_ERROR)
+}
+
+fn try_post_bind4(ctx: &SockContext) -> Option<i32> {
+    // SAFETY: the kernel hands sock programs a valid socket.
+    let sock = unsafe { &*ctx.sock };
+    if sock.protocol != IPPROTO_TCP as u32 && sock.protocol != IPPROTO_UDP as u32 {
+        return Some(ALLOW);
+    }
+    let port = sock.src_port;
+    if port == 0 {
+        return Some(ALLOW);
+    }
+    let slot = held_slot(sock.protocol, port);
+    let record = if port_owner(port as u16) != NO_OWNER {
+        add_port_held(slot, 1);
+        slot | SOCKET_COUNTED | SOCKET_EXPLICIT
+    } else {
+        // Only strict scopes need to tell explicit binds from autobinds later.
+        let (_, scope) = current_scope()?;
+        if !scope.is_some_and(|scope| scope.rule.flags & RULE_STRICT != 0) {
+            return Some(ALLOW);
+        }
+        slot | SOCKET_EXPLICIT
+    };
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    let _ = SOCKETS.insert(&cookie, &record, 0);
+    Some(ALLOW)
+}
+
+/// A socket closes: undo what was counted for it.
+#[cgroup_sock(sock_release)]
+pub fn pg_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands sock programs a valid socket.
+    let sock = unsafe { &*ctx.sock };
+    if sock.protocol != IPPROTO_TCP as u32 && sock.protocol != IPPROTO_UDP as u32 {
+        return ALLOW;
+    }
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(&record) = (unsafe { SOCKETS.get(&cookie) }) else {
+        return ALLOW;
+    };
+    if record & SOCKET_COUNTED != 0 {
+        add_port_held(record & SOCKET_SLOT_MASK, -1);
+    }
+    let _ = SOCKETS.remove(&cookie);
+    ALLOW
+}
+
+/// UDP sendto() on an unbound socket: the kernel has already autobound it from its own range by
+/// the time this runs. Count it once per socket; a `strict` scope refuses to send from it.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn pg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_sendmsg4(&ctx).unwrap_or(ON_INTERNAL_ERROR)
+}
+
+fn try_sendmsg4(ctx: &SockAddrContext) -> Option<i32> {
+    let (_, scope) = current_scope()?;
+    let Some(scope) = scope else {
+        return Some(ALLOW);
+    };
+    // SAFETY: the kernel hands sock_addr programs a valid context with a socket.
+    let sock_addr = unsafe { &*ctx.sock_addr };
+    let port = unsafe { (*sock_addr.__bindgen_anon_1.sk).src_port } as u16;
+    if scope.rule.contains(port) {
+        return Some(ALLOW);
+    }
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let strict = scope.rule.flags & RULE_STRICT != 0 && scope.rule.flags & RULE_AUDIT == 0;
+    // SAFETY: the value is copied out at once.
+    match unsafe { SOCKETS.get(&cookie) }.copied() {
+        Some(record) if record & SOCKET_EXPLICIT != 0 => return Some(ALLOW),
+        Some(_) => return Some(if strict { DENY } else { ALLOW }),
+        None => {}
+    }
+    let slot = held_slot(IPPROTO_UDP as u32, port as u32);
+    let _ = SOCKETS.insert(&cookie, &(slot | SOCKET_REPORTED), 0);
+    count(scope.id, |c| c.unsteered += 1);
+    let decision = Decision {
+        op: OP_SENDMSG,
+        verdict: VERDICT_AUTOBOUND,
+        scope_id: scope.id,
+        protocol: IPPROTO_UDP,
+        local_port: port,
+        remote_ip4: sock_addr.user_ip4,
+        remote_port: u16::from_be(sock_addr.user_port as u16),
+        attempts: 0,
+        errno: 0,
+    };
+    if scope.rule.flags & RULE_STRICT != 0 {
+        return Some(refuse(
+            scope.id,
+            scope.rule.flags & RULE_AUDIT != 0,
+            decision,
+        ));
+    }
+    emit(&decision);
+    Some(ALLOW)
+}

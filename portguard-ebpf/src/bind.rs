@@ -1,0 +1,181 @@
+//! bind() of IPv4 sockets: steer port 0 into the scope's range, judge explicit ports.
+
+use aya_ebpf::{
+    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
+use portguard_common::{
+    CONFIG_OBSERVE, IPPROTO_TCP, IPPROTO_UDP, NO_OWNER, NO_SCOPE, OP_BIND, RULE_AUDIT,
+    RULE_BIND_LIST, UNSCOPED_COUNTERS, VERDICT_ALLOWED, VERDICT_AUDIT_WOULD_DENY, VERDICT_DENIED,
+    VERDICT_EXHAUSTED, VERDICT_OBSERVED, VERDICT_STEERED,
+};
+
+use crate::{
+    events::{Decision, emit},
+    maps::{BIND_ALLOW, RULES},
+    port_search::{Found, pick_free_port},
+    scope::{Scope, count, current_scope, port_owner},
+};
+
+/// Let the call proceed.
+pub const ALLOW: i32 = 1;
+/// Refuse the call: EPERM, or the errno set with `bpf_set_retval` just before.
+pub const DENY: i32 = 0;
+/// What a hook answers when it cannot work (a map the daemon always fills is missing): let the
+/// call through rather than break the host's networking.
+pub const ON_INTERNAL_ERROR: i32 = ALLOW;
+
+pub const EPERM: i32 = 1;
+pub const EADDRNOTAVAIL: i32 = 99;
+
+#[cgroup_sock_addr(bind4)]
+pub fn pg_bind4(ctx: SockAddrContext) -> i32 {
+    try_bind4(&ctx).unwrap_or(ON_INTERNAL_ERROR)
+}
+
+fn try_bind4(ctx: &SockAddrContext) -> Option<i32> {
+    // SAFETY: the kernel hands sock_addr programs a valid context.
+    let sock_addr = unsafe { &mut *ctx.sock_addr };
+    let protocol = sock_addr.protocol;
+    if protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32 {
+        return Some(ALLOW);
+    }
+    let port = u16::from_be(sock_addr.user_port as u16);
+    let (config, scope) = current_scope()?;
+    let decision = Decision {
+        op: OP_BIND,
+        verdict: VERDICT_ALLOWED,
+        scope_id: NO_SCOPE,
+        protocol: protocol as u8,
+        local_port: port,
+        remote_ip4: 0,
+        remote_port: 0,
+        attempts: 0,
+        errno: 0,
+    };
+    let Some(scope) = scope else {
+        return Some(unscoped_bind(port, config.flags, decision));
+    };
+    let decision = Decision {
+        scope_id: scope.id,
+        ..decision
+    };
+    if port == 0 {
+        return Some(steer_bind(ctx, sock_addr.user_ip4, &scope, decision));
+    }
+    Some(explicit_bind(port, &scope, decision))
+}
+
+/// Rule 4: a task in no scope may not bind a port of any scope's range.
+#[inline(always)]
+fn unscoped_bind(port: u16, config_flags: u32, decision: Decision) -> i32 {
+    let owner = if port == 0 {
+        NO_OWNER
+    } else {
+        port_owner(port)
+    };
+    if owner == NO_OWNER {
+        if config_flags & CONFIG_OBSERVE != 0 {
+            emit(&Decision {
+                verdict: VERDICT_OBSERVED,
+                ..decision
+            });
+        }
+        return ALLOW;
+    }
+    let owner_audits = RULES
+        .get(owner - 1)
+        .is_some_and(|rule| rule.flags & RULE_AUDIT != 0);
+    refuse(UNSCOPED_COUNTERS, owner_audits, decision)
+}
+
+/// Rule 3: an explicit port must be in the scope's range, its bind list, or (without a list)
+/// outside every other scope's range.
+#[inline(always)]
+fn explicit_bind(port: u16, scope: &Scope, decision: Decision) -> i32 {
+    let allowed = scope.rule.contains(port)
+        || if scope.rule.flags & RULE_BIND_LIST != 0 {
+            BIND_ALLOW
+                .get(scope.id)
+                .is_some_and(|allow| allow.contains(port))
+        } else {
+            port_owner(port) == NO_OWNER
+        };
+    if allowed {
+        count(scope.id, |c| c.allowed += 1);
+        emit(&decision);
+        return ALLOW;
+    }
+    refuse(scope.id, scope.rule.flags & RULE_AUDIT != 0, decision)
+}
+
+/// Rule 1: port 0 becomes a free port of the range.
+#[inline(always)]
+fn steer_bind(ctx: &SockAddrContext, bind_addr: u32, scope: &Scope, decision: Decision) -> i32 {
+    if scope.rule.flags & RULE_AUDIT != 0 {
+        // Audit: the kernel picks as it would without portguard.
+        count(scope.id, |c| c.allowed += 1);
+        emit(&decision);
+        return ALLOW;
+    }
+    match pick_free_port(
+        ctx.sock_addr,
+        &scope.rule,
+        decision.protocol as u32,
+        bind_addr,
+    ) {
+        Found::Port { port, attempts } => {
+            // SAFETY: user_port is writable in bind4; the kernel binds the rewritten port.
+            unsafe { (*ctx.sock_addr).user_port = port.to_be() as u32 };
+            count(scope.id, |c| c.steered += 1);
+            emit(&Decision {
+                verdict: VERDICT_STEERED,
+                local_port: port,
+                attempts,
+                ..decision
+            });
+            ALLOW
+        }
+        Found::Exhausted { attempts } | Found::Error { attempts, .. } => exhausted(
+            scope.id,
+            Decision {
+                attempts,
+                ..decision
+            },
+        ),
+    }
+}
+
+/// Rule 5: no free port fails like the kernel's own allocator, with EADDRNOTAVAIL.
+#[inline(always)]
+pub fn exhausted(scope_id: u32, decision: Decision) -> i32 {
+    count(scope_id, |c| c.exhausted += 1);
+    emit(&Decision {
+        verdict: VERDICT_EXHAUSTED,
+        errno: EADDRNOTAVAIL,
+        ..decision
+    });
+    // SAFETY: plain helper call; the syscall then fails with this errno.
+    unsafe { bpf_set_retval(-EADDRNOTAVAIL) };
+    DENY
+}
+
+/// Refuses with EPERM, or in audit mode only records that it would have.
+#[inline(always)]
+pub fn refuse(row: u32, audit: bool, decision: Decision) -> i32 {
+    if audit {
+        count(row, |c| c.audit_would_deny += 1);
+        emit(&Decision {
+            verdict: VERDICT_AUDIT_WOULD_DENY,
+            errno: EPERM,
+            ..decision
+        });
+        return ALLOW;
+    }
+    count(row, |c| c.denied += 1);
+    emit(&Decision {
+        verdict: VERDICT_DENIED,
+        errno: EPERM,
+        ..decision
+    });
+    DENY
+}

@@ -1,0 +1,57 @@
+//! Decision events through the ring buffer, and the count of those that did not fit.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+};
+use portguard_common::{AF_INET, Event};
+
+use crate::maps::{EVENTS, LOST_EVENTS};
+
+/// What a hook decided, in the terms of the event record.
+pub struct Decision {
+    pub op: u8,
+    pub verdict: u8,
+    pub scope_id: u32,
+    pub protocol: u8,
+    pub local_port: u16,
+    /// Network order.
+    pub remote_ip4: u32,
+    pub remote_port: u16,
+    pub attempts: u32,
+    pub errno: i32,
+}
+
+#[inline(always)]
+pub fn emit(decision: &Decision) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        if let Some(lost) = LOST_EVENTS.get_ptr_mut(0) {
+            // SAFETY: per-CPU value owned by this CPU for the duration of the program.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let mut remote_addr = [0u8; 16];
+    remote_addr[..4].copy_from_slice(&decision.remote_ip4.to_ne_bytes());
+    entry.write(Event {
+        // SAFETY: plain helper calls without arguments that can be wrong.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+        scope_id: decision.scope_id,
+        attempts: decision.attempts,
+        remote_addr,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        family: AF_INET,
+        local_port: decision.local_port,
+        remote_port: decision.remote_port,
+        protocol: decision.protocol,
+        op: decision.op,
+        verdict: decision.verdict,
+        _pad: [0; 3],
+        errno: decision.errno,
+    });
+    entry.submit(0);
+}

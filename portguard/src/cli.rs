@@ -1,0 +1,85 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Per-cgroup ephemeral port ranges and bind/connect rules, enforced in the kernel by eBPF.
+///
+/// portguard gives each cgroup (a container, a systemd service, a slice) its own range of
+/// ephemeral ports, so services that share a network namespace stop exhausting one host-wide
+/// range together, and keeps other processes off ports a scope owns.
+#[derive(Debug, Parser)]
+#[command(name = "portguard", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the eBPF programs, apply a policy and enforce it until SIGINT or SIGTERM.
+    ///
+    /// Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). Logs one line per scope and `ready`
+    /// once enforcement is live; on exit the programs are detached. The log level follows
+    /// RUST_LOG (default `info`; `debug` also logs every allowed and steered call).
+    Daemon(DaemonArgs),
+    /// Validate a policy file: print a summary and exit 0, or print every error with its line and
+    /// column and exit 1. Warnings about the host's port settings never fail the check.
+    Check {
+        /// Policy file (TOML).
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Policy file (TOML). Default: /etc/portguard/policy.toml if it exists, else the embedded
+    /// observe-only policy.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// cgroup v2 directory to attach the programs at; they then see every socket created in it or
+    /// below. Default: the cgroup2 root found in /proc/self/mountinfo.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Size of the kernel-to-daemon event ring buffer in bytes: a power of two and a multiple of
+    /// the page size.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024, value_parser = parse_ring_size)]
+    pub events_buffer: u32,
+    /// How often to look for scope cgroups that appeared or went away, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub rescan_ms: u64,
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let bytes: u32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte count"))?;
+    let page = 4096;
+    if !bytes.is_power_of_two() || bytes < page {
+        return Err(format!(
+            "{bytes} must be a power of two of at least {page} (the page size)"
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ring_size_must_be_a_power_of_two_page_multiple() {
+        assert_eq!(parse_ring_size("8192"), Ok(8192));
+        assert!(parse_ring_size("1000").is_err());
+        assert!(parse_ring_size("2048").is_err());
+        assert!(parse_ring_size("big").is_err());
+    }
+}

@@ -1,0 +1,33 @@
+//! portguard: per-cgroup ephemeral port ranges enforced by eBPF.
+
+mod cgroup;
+mod check;
+mod cli;
+mod daemon;
+mod event_log;
+mod loader;
+mod policy;
+mod policy_file;
+mod scope_cgroups;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = match cli.command {
+        Command::Daemon(args) => daemon::run(args),
+        Command::Check { file } => check::run(&file),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("portguard: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! From a validated policy to what the kernel maps must hold.
+
+use portguard_common::{
+    CONFIG_OBSERVE, Config, MAX_CGROUP_LEVEL, MAX_SCOPES, PortBitmap, RULE_AUDIT, RULE_BIND_LIST,
+    RULE_STRICT, ScopeRule,
+};
+
+use super::{Mode, Policy, PortRange};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    pub config: Config,
+    /// Indexed by scope id, which is the scope's position in the policy.
+    pub rules: Vec<ScopeRule>,
+    /// Scope id and allow list of each scope with a `bind` key.
+    pub bind_allow: Vec<(u32, Box<PortBitmap>)>,
+    /// Each scope's range with the value `PORT_OWNER` holds for its ports (scope id + 1).
+    pub port_owner: Vec<(PortRange, u32)>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("the policy has {0} scopes; at most {MAX_SCOPES} are supported")]
+    TooManyScopes(usize),
+    #[error(
+        "scope `{name}`: cgroup `{cgroup}` is {level} levels deep; at most {MAX_CGROUP_LEVEL} are supported"
+    )]
+    TooDeep {
+        name: String,
+        cgroup: String,
+        level: u32,
+    },
+}
+
+/// `root_level` is the cgroup level of the cgroup2 mount's root (0 unless the daemon runs in a
+/// cgroup namespace); scope paths are relative to it.
+pub fn compile(policy: &Policy, root_level: u32) -> Result<CompiledPolicy, CompileError> {
+    if policy.scopes.len() > MAX_SCOPES as usize {
+        return Err(CompileError::TooManyScopes(policy.scopes.len()));
+    }
+    let observe = if policy.mode == Mode::Observe {
+        CONFIG_OBSERVE
+    } else {
+        0
+    };
+    let mut config = Config::no_scopes(observe);
+    let mut rules = vec![];
+    let mut bind_allow = vec![];
+    let mut port_owner = vec![];
+    for (id, scope) in policy.scopes.iter().enumerate() {
+        let id = id as u32;
+        let level = root_level + scope.cgroup.split('/').count() as u32;
+        if level >= MAX_CGROUP_LEVEL {
+            return Err(CompileError::TooDeep {
+                name: scope.name.clone(),
+                cgroup: scope.cgroup.clone(),
+                level,
+            });
+        }
+        if id == 0 {
+            config.min_level = level;
+            config.max_level = level;
+        } else {
+            config.min_level = config.min_level.min(level);
+            config.max_level = config.max_level.max(level);
+        }
+        let mut flags = 0;
+        if scope.effective_mode(policy.mode) == Mode::Audit {
+            flags |= RULE_AUDIT;
+        }
+        if scope.strict {
+            flags |= RULE_STRICT;
+        }
+        if let Some(list) = &scope.bind {
+            flags |= RULE_BIND_LIST;
+            let mut bitmap = Box::new(PortBitmap::EMPTY);
+            for range in list {
+                for port in range.lo..=range.hi {
+                    bitmap.insert(port);
+                }
+            }
+            bind_allow.push((id, bitmap));
+        }
+        rules.push(ScopeRule {
+            range_lo: scope.ephemeral.lo,
+            range_hi: scope.ephemeral.hi,
+            flags,
+        });
+        port_owner.push((scope.ephemeral, id + 1));
+    }
+    Ok(CompiledPolicy {
+        config,
+        rules,
+        bind_allow,
+        port_owner,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse;
+
+    #[test]
+    fn compiles_rules_levels_and_lists() {
+        let policy = parse(
+            r#"
+[[scope]]
+name = "web"
+cgroup = "system.slice/web.service"
+ephemeral = "40000-40999"
+bind = ["8080"]
+strict = true
+[[scope]]
+name = "batch"
+cgroup = "batch.slice/a/b"
+ephemeral = "41000-41009"
+mode = "audit"
+"#,
+        )
+        .expect("valid");
+        let compiled = compile(&policy, 0).expect("compiles");
+        assert_eq!(compiled.config.min_level, 2);
+        assert_eq!(compiled.config.max_level, 3);
+        assert_eq!(compiled.config.flags, 0);
+        assert_eq!(
+            compiled.rules,
+            [
+                ScopeRule {
+                    range_lo: 40000,
+                    range_hi: 40999,
+                    flags: RULE_BIND_LIST | RULE_STRICT
+                },
+                ScopeRule {
+                    range_lo: 41000,
+                    range_hi: 41009,
+                    flags: RULE_AUDIT
+                },
+            ]
+        );
+        assert_eq!(compiled.bind_allow.len(), 1);
+        assert!(compiled.bind_allow[0].1.contains(8080));
+        assert!(!compiled.bind_allow[0].1.contains(8081));
+        assert_eq!(compiled.port_owner[1], (PortRange::new(41000, 41009), 2));
+    }
+
+    #[test]
+    fn no_scopes_means_an_empty_walk_and_observe_sets_the_flag() {
+        let compiled =
+            compile(&parse(crate::policy::EMBEDDED_DEFAULT).expect("valid"), 0).expect("compiles");
+        assert!(compiled.config.min_level > compiled.config.max_level);
+        assert_eq!(compiled.config.flags, CONFIG_OBSERVE);
+    }
+}

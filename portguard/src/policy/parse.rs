@@ -1,0 +1,363 @@
+//! From TOML text to a validated [`Policy`], collecting every error with its location.
+//!
+//! The document is walked by hand (over toml's spanned tree) rather than through serde so that
+//! one run reports all problems, not just the first.
+
+use std::{collections::HashMap, ops::Range};
+
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue},
+};
+
+use super::{Location, Mode, Policy, PolicyError, PolicyErrors, PortRange, Scope};
+
+const TOP_KEYS: [&str; 2] = ["mode", "scope"];
+const SCOPE_KEYS: [&str; 6] = ["name", "cgroup", "ephemeral", "bind", "mode", "strict"];
+const MAX_NAME_LEN: usize = 64;
+
+/// Parses and validates `text`.
+pub fn parse(text: &str) -> Result<Policy, PolicyErrors> {
+    let mut errors = Errors { text, list: vec![] };
+    let (document, syntax_errors) = DeTable::parse_recoverable(text);
+    for error in syntax_errors {
+        let span = error.span().unwrap_or(0..0);
+        errors.push(span, error.message().trim().to_owned());
+    }
+    if !errors.list.is_empty() {
+        return Err(errors.finish());
+    }
+    let policy = parse_document(document.get_ref(), &mut errors);
+    if errors.list.is_empty() {
+        Ok(policy)
+    } else {
+        Err(errors.finish())
+    }
+}
+
+struct Errors<'a> {
+    text: &'a str,
+    list: Vec<PolicyError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, span: Range<usize>, message: String) {
+        self.list.push(PolicyError {
+            at: Location::of(self.text, span.start),
+            message,
+        });
+    }
+
+    fn finish(mut self) -> PolicyErrors {
+        self.list.sort_by(|a, b| a.at.cmp(&b.at));
+        PolicyErrors(self.list)
+    }
+}
+
+fn parse_document(document: &DeTable<'_>, errors: &mut Errors<'_>) -> Policy {
+    unknown_keys(document, &TOP_KEYS, "top level", errors);
+    let mode = match document.get("mode") {
+        Some(value) => parse_mode(value, &["enforce", "audit", "observe"], errors),
+        None => Some(Mode::Enforce),
+    }
+    .unwrap_or(Mode::Enforce);
+
+    let mut scopes = vec![];
+    match document
+        .get("scope")
+        .map(|value| (value.span(), value.get_ref()))
+    {
+        None => {}
+        Some((_, DeValue::Array(array))) => {
+            for table in array.iter() {
+                match table.get_ref() {
+                    DeValue::Table(fields) => {
+                        if let Some(scope) = parse_scope(fields, table.span(), errors) {
+                            scopes.push(scope);
+                        }
+                    }
+                    other => errors.push(
+                        table.span(),
+                        format!("each scope must be a table, found {}", type_name(other)),
+                    ),
+                }
+            }
+        }
+        Some((span, other)) => errors.push(
+            span,
+            format!(
+                "`scope` must be an array of tables ([[scope]]), found {}",
+                type_name(other)
+            ),
+        ),
+    }
+    cross_check(&scopes, errors);
+    Policy { mode, scopes }
+}
+
+fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>) -> Option<Scope> {
+    unknown_keys(fields, &SCOPE_KEYS, "scope", errors);
+    let at = Location::of(errors.text, span.start);
+    let required = |key: &str, errors: &mut Errors<'_>| {
+        let value = fields.get(key);
+        if value.is_none() {
+            errors.push(span.clone(), format!("scope is missing `{key}`"));
+        }
+        value
+    };
+
+    let name = required("name", errors).and_then(|value| {
+        let name = string(value, "name", errors)?;
+        let valid = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid {
+            errors.push(
+                value.span(),
+                format!(
+                    "scope name `{name}` must be 1-{MAX_NAME_LEN} characters of a-z, 0-9, '_' and '-'"
+                ),
+            );
+            return None;
+        }
+        Some(name.to_owned())
+    });
+    let cgroup = required("cgroup", errors).and_then(|value| {
+        let path = string(value, "cgroup", errors)?;
+        match normalize_cgroup(path) {
+            Ok(path) => Some(path),
+            Err(message) => {
+                errors.push(value.span(), message);
+                None
+            }
+        }
+    });
+    let ephemeral = required("ephemeral", errors).and_then(|value| {
+        let text = string(value, "ephemeral", errors)?;
+        range(value, text, "ephemeral", errors)
+    });
+    let bind = match fields.get("bind") {
+        None => Some(None),
+        Some(value) => parse_bind_list(value, errors).map(Some),
+    };
+    let mode = match fields.get("mode") {
+        None => Some(None),
+        Some(value) => parse_mode(value, &["enforce", "audit"], errors).map(Some),
+    };
+    let strict = match fields.get("strict") {
+        None => Some(false),
+        Some(value) => match value.get_ref() {
+            DeValue::Boolean(strict) => Some(*strict),
+            other => {
+                errors.push(
+                    value.span(),
+                    format!("`strict` must be true or false, found {}", type_name(other)),
+                );
+                None
+            }
+        },
+    };
+    Some(Scope {
+        name: name?,
+        cgroup: cgroup?,
+        ephemeral: ephemeral?,
+        bind: bind?,
+        mode: mode?,
+        strict: strict?,
+        at,
+    })
+}
+
+fn parse_bind_list(
+    value: &Spanned<DeValue<'_>>,
+    errors: &mut Errors<'_>,
+) -> Option<Vec<PortRange>> {
+    let DeValue::Array(items) = value.get_ref() else {
+        errors.push(
+            value.span(),
+            format!(
+                "`bind` must be an array of ports and ranges, found {}",
+                type_name(value.get_ref())
+            ),
+        );
+        return None;
+    };
+    let mut ranges = vec![];
+    let mut ok = true;
+    for item in items.iter() {
+        let parsed = match item.get_ref() {
+            DeValue::String(text) => range(item, text, "bind", errors),
+            DeValue::Integer(integer) => range(item, integer.as_str(), "bind", errors),
+            other => {
+                errors.push(
+                    item.span(),
+                    format!(
+                        "`bind` entries must be \"port\" or \"lo-hi\" strings, found {}",
+                        type_name(other)
+                    ),
+                );
+                None
+            }
+        };
+        match parsed {
+            Some(parsed) => ranges.push(parsed),
+            None => ok = false,
+        }
+    }
+    ok.then_some(ranges)
+}
+
+/// Errors that need more than one scope: duplicates and overlaps.
+fn cross_check(scopes: &[Scope], errors: &mut Errors<'_>) {
+    let mut names: HashMap<&str, &Scope> = HashMap::new();
+    let mut cgroups: HashMap<&str, &Scope> = HashMap::new();
+    for scope in scopes {
+        if let Some(first) = names.insert(&scope.name, scope) {
+            errors.list.push(PolicyError {
+                at: scope.at,
+                message: format!(
+                    "scope name `{}` is used twice (first at line {})",
+                    scope.name, first.at.line
+                ),
+            });
+        }
+        if let Some(first) = cgroups.insert(&scope.cgroup, scope) {
+            errors.list.push(PolicyError {
+                at: scope.at,
+                message: format!(
+                    "scopes `{}` and `{}` both name cgroup `{}`",
+                    first.name, scope.name, scope.cgroup
+                ),
+            });
+        }
+    }
+    for (index, scope) in scopes.iter().enumerate() {
+        for other in &scopes[index + 1..] {
+            if let Some(shared) = scope.ephemeral.intersection(&other.ephemeral) {
+                errors.list.push(PolicyError {
+                    at: other.at,
+                    message: format!(
+                        "ephemeral ranges of scopes `{}` ({}) and `{}` ({}) overlap on ports {}",
+                        scope.name, scope.ephemeral, other.name, other.ephemeral, shared
+                    ),
+                });
+            }
+        }
+        for allowed in scope.bind.iter().flatten() {
+            for other in scopes.iter().filter(|other| other.name != scope.name) {
+                if let Some(shared) = allowed.intersection(&other.ephemeral) {
+                    errors.list.push(PolicyError {
+                        at: scope.at,
+                        message: format!(
+                            "bind entry {} of scope `{}` lies in the ephemeral range of scope `{}` ({}) on ports {}",
+                            allowed, scope.name, other.name, other.ephemeral, shared
+                        ),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn unknown_keys(table: &DeTable<'_>, known: &[&str], place: &str, errors: &mut Errors<'_>) {
+    for key in table.keys() {
+        if !known.contains(&key.get_ref().as_ref()) {
+            errors.push(
+                key.span(),
+                format!(
+                    "unknown key `{}` in {place} (expected one of: {})",
+                    key.get_ref(),
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn parse_mode(
+    value: &Spanned<DeValue<'_>>,
+    allowed: &[&str],
+    errors: &mut Errors<'_>,
+) -> Option<Mode> {
+    let text = string(value, "mode", errors)?;
+    if !allowed.contains(&text) {
+        errors.push(
+            value.span(),
+            format!("mode `{text}` is not one of: {}", allowed.join(", ")),
+        );
+        return None;
+    }
+    Some(match text {
+        "audit" => Mode::Audit,
+        "observe" => Mode::Observe,
+        _ => Mode::Enforce,
+    })
+}
+
+fn string<'v>(
+    value: &'v Spanned<DeValue<'_>>,
+    key: &str,
+    errors: &mut Errors<'_>,
+) -> Option<&'v str> {
+    match value.get_ref() {
+        DeValue::String(text) => Some(text),
+        other => {
+            errors.push(
+                value.span(),
+                format!("`{key}` must be a string, found {}", type_name(other)),
+            );
+            None
+        }
+    }
+}
+
+fn range(
+    value: &Spanned<DeValue<'_>>,
+    text: &str,
+    key: &str,
+    errors: &mut Errors<'_>,
+) -> Option<PortRange> {
+    match PortRange::parse(text) {
+        Ok(range) => Some(range),
+        Err(message) => {
+            errors.push(value.span(), format!("`{key}`: {message}"));
+            None
+        }
+    }
+}
+
+/// A cgroup path relative to the cgroup2 root: no leading '/', no '.' or '..', no empty parts.
+fn normalize_cgroup(path: &str) -> Result<String, String> {
+    let trimmed = path.trim_matches('/');
+    if trimmed.is_empty() {
+        return Err(format!(
+            "cgroup `{path}` names the cgroup2 root; a scope must name a cgroup below it"
+        ));
+    }
+    if let Some(bad) = trimmed
+        .split('/')
+        .find(|part| part.is_empty() || *part == "." || *part == ".." || part.contains('\0'))
+    {
+        return Err(format!(
+            "cgroup `{path}` has an invalid component `{bad}` (paths are relative to the cgroup2 root, without '.', '..' or '//')"
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+fn type_name(value: &DeValue<'_>) -> &'static str {
+    match value {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+use super::*;
+
+fn errors_of(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(policy) => panic!("expected errors, got {policy:?}"),
+        Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+const WEB: &str = r#"
+mode = "enforce"
+[[scope]]
+name = "web"
+cgroup = "/system.slice/web.service/"
+ephemeral = "40000-40999"
+bind = ["8080", "9000-9010", 443]
+mode = "audit"
+"#;
+
+#[test]
+fn parses_a_full_scope() {
+    let policy = parse(WEB).expect("valid policy");
+    assert_eq!(policy.mode, Mode::Enforce);
+    let scope = &policy.scopes[0];
+    assert_eq!(scope.name, "web");
+    assert_eq!(scope.cgroup, "system.slice/web.service");
+    assert_eq!(scope.ephemeral, PortRange::new(40000, 40999));
+    assert_eq!(
+        scope.bind,
+        Some(vec![
+            PortRange::new(8080, 8080),
+            PortRange::new(9000, 9010),
+            PortRange::new(443, 443)
+        ])
+    );
+    assert_eq!(scope.mode, Some(Mode::Audit));
+    assert_eq!(scope.effective_mode(policy.mode), Mode::Audit);
+    assert_eq!(scope.at, Location { line: 3, column: 1 });
+}
+
+#[test]
+fn embedded_default_is_observe_without_scopes() {
+    let policy = parse(crate::policy::EMBEDDED_DEFAULT).expect("embedded default parses");
+    assert_eq!(policy.mode, Mode::Observe);
+    assert!(policy.scopes.is_empty());
+}
+
+#[test]
+fn syntax_error_is_located() {
+    let errors = errors_of("mode = \"enforce\"\n[[scope]\n");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].starts_with("2:"), "{errors:?}");
+}
+
+#[test]
+fn unknown_keys_at_both_levels() {
+    let errors = errors_of(
+        "colour = 1\n[[scope]]\nname = \"a\"\ncgroup = \"a\"\nephemeral = \"1000-1001\"\nport = 3\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "1:1: unknown key `colour` in top level (expected one of: mode, scope)",
+            "6:1: unknown key `port` in scope (expected one of: name, cgroup, ephemeral, bind, mode, strict)",
+        ]
+    );
+}
+
+#[test]
+fn every_bad_value_is_reported_at_once() {
+    let errors = errors_of(
+        r#"mode = "loud"
+[[scope]]
+name = "Web!"
+cgroup = "../etc"
+ephemeral = "500-400"
+bind = ["0", "70000", true]
+mode = "observe"
+strict = "yes"
+"#,
+    );
+    assert_eq!(
+        errors,
+        [
+            "1:8: mode `loud` is not one of: enforce, audit, observe",
+            "3:8: scope name `Web!` must be 1-64 characters of a-z, 0-9, '_' and '-'",
+            "4:10: cgroup `../etc` has an invalid component `..` (paths are relative to the cgroup2 root, without '.', '..' or '//')",
+            "5:13: `ephemeral`: range 500-400 is inverted (first port above last)",
+            "6:9: `bind`: port 0 is outside 1-65535",
+            "6:14: `bind`: port 70000 is outside 1-65535",
+            "6:23: `bind` entries must be \"port\" or \"lo-hi\" strings, found a boolean",
+            "7:8: mode `observe` is not one of: enforce, audit",
+            "8:10: `strict` must be true or false, found a string",
+        ]
+    );
+}
+
+#[test]
+fn missing_keys_and_wrong_types() {
+    let errors = errors_of("scope = 3\n");
+    assert_eq!(
+        errors,
+        ["1:9: `scope` must be an array of tables ([[scope]]), found an integer"]
+    );
+    let errors = errors_of("[[scope]]\nname = \"a\"\nephemeral = 40000\n");
+    assert_eq!(
+        errors,
+        [
+            "1:1: scope is missing `cgroup`",
+            "3:13: `ephemeral` must be a string, found an integer",
+        ]
+    );
+}
+
+#[test]
+fn duplicates_and_overlaps_name_both_scopes() {
+    let errors = errors_of(
+        r#"
+[[scope]]
+name = "a"
+cgroup = "x.slice"
+ephemeral = "40000-40999"
+[[scope]]
+name = "a"
+cgroup = "x.slice/"
+ephemeral = "40500-41000"
+[[scope]]
+name = "c"
+cgroup = "c.slice"
+ephemeral = "50000-50009"
+bind = ["40990-41010"]
+"#,
+    );
+    assert_eq!(
+        errors,
+        [
+            "6:1: scope name `a` is used twice (first at line 2)",
+            "6:1: scopes `a` and `a` both name cgroup `x.slice`",
+            "6:1: ephemeral ranges of scopes `a` (40000-40999) and `a` (40500-41000) overlap on ports 40500-40999",
+            "10:1: bind entry 40990-41010 of scope `c` lies in the ephemeral range of scope `a` (40000-40999) on ports 40990-40999",
+            "10:1: bind entry 40990-41010 of scope `c` lies in the ephemeral range of scope `a` (40500-41000) on ports 40990-41000",
+        ]
+    );
+}
+
+#[test]
+fn root_cgroup_is_refused() {
+    let errors = errors_of("[[scope]]\nname = \"a\"\ncgroup = \"/\"\nephemeral = \"1-2\"\n");
+    assert_eq!(
+        errors,
+        ["3:10: cgroup `/` names the cgroup2 root; a scope must name a cgroup below it"]
+    );
+}
+
+#[test]
+fn non_utf8_columns_count_characters() {
+    assert_eq!(Location::of("é\nab€c", 7), Location { line: 2, column: 3 });
+}
