@@ -3,7 +3,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
-use portguard_common::{Event, UNSCOPED_COUNTERS};
+use portguard_common::{Counters, Event, UNSCOPED_COUNTERS};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -13,7 +13,7 @@ use crate::{
     cgroup::{Cgroup2Mount, is_cgroup2_dir},
     cli::DaemonArgs,
     event_log,
-    loader::Enforcer,
+    loader::{Enforcer, LoadError},
     policy::{HostPorts, Mode, compile, host_warnings},
     policy_file::PolicySource,
     scope_cgroups::ScopeCgroups,
@@ -101,13 +101,19 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         Duration::from_millis(args.rescan_ms.max(10)),
     ))?;
 
-    let lost = enforcer.lost_events().unwrap_or(0);
-    let unscoped = enforcer.counters(UNSCOPED_COUNTERS).unwrap_or_default();
+    for (id, scope) in policy.scopes.iter().enumerate() {
+        log_counters(
+            &format!("scope {}", scope.name),
+            enforcer.counters(id as u32),
+        );
+    }
+    log_counters("unscoped", enforcer.counters(UNSCOPED_COUNTERS));
+    let lost = enforcer.lost_events();
     drop(enforcer);
-    log::info!(
-        "stopped; programs detached (unscoped binds denied: {}, lost events: {lost})",
-        unscoped.denied
-    );
+    match lost {
+        Ok(lost) => log::info!("stopped; programs detached; lost events: {lost}"),
+        Err(error) => log::info!("stopped; programs detached; lost events unknown: {error}"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -139,6 +145,21 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+fn log_counters(what: &str, counters: Result<Counters, LoadError>) {
+    match counters {
+        Ok(c) => log::info!(
+            "{what}: steered {}, denied {}, exhausted {}, allowed {}, audit-would-deny {}, unsteered {}",
+            c.steered,
+            c.denied,
+            c.exhausted,
+            c.allowed,
+            c.audit_would_deny,
+            c.unsteered
+        ),
+        Err(error) => log::warn!("{what}: cannot read counters: {error}"),
+    }
 }
 
 fn drain_events(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, cgroups: &ScopeCgroups) {

@@ -1,1 +1,321 @@
-//! helpers
+//! Harness for portguard's end-to-end tests: a private cgroup subtree, the real daemon attached
+//! there, and probe processes placed in scope cgroups. Every guard cleans up on drop.
+
+pub mod bpf_query;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Whether a privileged test may run. Without root it fails, unless PORTGUARD_SKIP_PRIVILEGED=1,
+/// and then it says so on stdout and in the test name's output.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("PORTGUARD_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+        println!("SKIPPED {test}: needs root (PORTGUARD_SKIP_PRIVILEGED=1)");
+        return false;
+    }
+    panic!(
+        "{test} needs root to load eBPF programs and create cgroups; run as root, \
+         or set PORTGUARD_SKIP_PRIVILEGED=1 to skip it on purpose"
+    );
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> PathBuf {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            if fs.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            mount.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A private cgroup subtree under the cgroup2 root, removed (children first) on drop.
+pub struct TestCgroup {
+    pub root: PathBuf,
+    /// Path of `root` relative to the cgroup2 mount, as policies name it.
+    pub relative: String,
+    mount: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(test: &str) -> Self {
+        static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+        let mount = cgroup2_root();
+        let relative = format!(
+            "portguard-test-{}-{}-{test}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let root = mount.join(&relative);
+        fs::create_dir(&root).expect("create test cgroup");
+        Self {
+            root,
+            relative,
+            mount,
+        }
+    }
+
+    /// Creates `name` (may be nested: "a/b") and returns its directory.
+    pub fn child(&self, name: &str) -> PathBuf {
+        let dir = self.root.join(name);
+        fs::create_dir_all(&dir).expect("create child cgroup");
+        dir
+    }
+
+    /// A child's path relative to the cgroup2 root.
+    pub fn rel(&self, name: &str) -> String {
+        format!("{}/{name}", self.relative)
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.root);
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    // Probes exit before this runs; a cgroup emptied a moment ago may still be busy briefly.
+    for _ in 0..50 {
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("warning: could not remove test cgroup {}", dir.display());
+}
+
+/// The portguard binary under test: $PORTGUARD_BIN, else target/debug/portguard.
+pub fn portguard_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("PORTGUARD_BIN") {
+        return PathBuf::from(path);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portguard");
+    assert!(
+        path.exists(),
+        "{} does not exist: build it first (cargo xtask test does), or set PORTGUARD_BIN",
+        path.display()
+    );
+    path
+}
+
+/// A running `portguard daemon`, stopped with SIGTERM on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+    _policy: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `policy` attached at `cgroup`, and waits for `ready`.
+    pub fn start(cgroup: &TestCgroup, policy: &str) -> Self {
+        let mut daemon = Self::spawn(cgroup, policy, &[]);
+        daemon.wait_for_log("ready", Duration::from_secs(30));
+        daemon
+    }
+
+    /// Starts the daemon without waiting; for tests of refusals.
+    pub fn spawn(cgroup: &TestCgroup, policy: &str, extra: &[&str]) -> Self {
+        let policy_path = cgroup_temp_file(cgroup, "policy.toml");
+        fs::write(&policy_path, policy).expect("write policy");
+        let log = cgroup_temp_file(cgroup, "daemon.log");
+        let log_file = fs::File::create(&log).expect("create daemon log");
+        let child = Command::new(portguard_bin())
+            .arg("daemon")
+            .arg("--policy")
+            .arg(&policy_path)
+            .arg("--cgroup")
+            .arg(&cgroup.root)
+            .args(["--rescan-ms", "50"])
+            .args(extra)
+            .env("RUST_LOG", "debug,aya=warn,aya_obj=warn")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn portguard daemon");
+        Self {
+            child: Some(child),
+            log,
+            _policy: policy_path,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until a log line contains `needle`, and returns that line.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.log().lines().find(|line| line.contains(needle)) {
+                return line.to_owned();
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "daemon exited ({status}) before logging `{needle}`:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "daemon log has no `{needle}` after {timeout:?}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM, waits, and returns the exit code and the whole log.
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        let code = self.terminate();
+        (code, self.log())
+    }
+
+    /// Waits for a daemon expected to exit on its own.
+    pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let child = self.child.as_mut().expect("daemon running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait daemon") {
+                self.child = None;
+                return (status.code(), self.log());
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "daemon did not exit:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait daemon") {
+                return status.code();
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("daemon ignored SIGTERM for 10 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+fn cgroup_temp_file(cgroup: &TestCgroup, name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{}-{name}", cgroup.relative))
+}
+
+/// The pg-probe binary, built beside the test binaries (target/<profile>/pg-probe).
+fn probe_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in target/<profile>/deps");
+    dir.join("pg-probe")
+}
+
+/// Runs the probe in cgroup `dir` with `ops` and returns its JSON result lines.
+pub fn probe(dir: &Path, ops: &[&str]) -> Vec<Value> {
+    let output = Command::new(probe_bin())
+        .arg(dir)
+        .args(ops)
+        .output()
+        .expect("run pg-probe");
+    assert!(
+        output.status.success(),
+        "pg-probe {ops:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8 output")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("probe JSON"))
+        .collect()
+}
+
+/// A loopback TCP listener and UDP socket in the test process (outside every test cgroup, so
+/// portguard never sees them) for probes to connect to.
+pub struct Peers {
+    pub tcp: std::net::TcpListener,
+    pub udp: std::net::UdpSocket,
+}
+
+impl Peers {
+    pub fn new() -> Self {
+        Self {
+            tcp: std::net::TcpListener::bind("127.0.0.1:0").expect("tcp listener"),
+            udp: std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket"),
+        }
+    }
+    pub fn tcp_port(&self) -> String {
+        self.tcp.local_addr().expect("addr").port().to_string()
+    }
+    pub fn udp_port(&self) -> String {
+        self.udp.local_addr().expect("addr").port().to_string()
+    }
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub const EPERM: i64 = libc::EPERM as i64;
+pub const EADDRNOTAVAIL: i64 = libc::EADDRNOTAVAIL as i64;
+
+/// The `port` field of a probe result.
+pub fn port(result: &Value) -> u16 {
+    result["port"].as_u64().expect("port field") as u16
+}
+
+pub fn errno(result: &Value) -> i64 {
+    result["errno"].as_i64().expect("errno field")
+}

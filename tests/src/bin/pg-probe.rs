@@ -1,0 +1,196 @@
+//! A process that moves itself into a cgroup and runs socket operations there, printing one JSON
+//! line per operation, for the end-to-end tests.
+//!
+//! Usage: pg-probe CGROUP_DIR OP...
+//!   bind tcp|udp PORT          bind 0.0.0.0:PORT (0: let the system choose) and keep the socket
+//!   connect tcp|udp PORT       connect an unbound socket to 127.0.0.1:PORT and keep it
+//!   connect-until-fail tcp|udp PORT MAX
+//!                              connect new sockets until one fails or MAX succeeded
+//!   sendto udp PORT            sendto 127.0.0.1:PORT from a new unbound socket, keep it
+//!   close N                    close the N-th kept socket (0-based)
+//! Each result: {"op":..,"proto":..,"port":local port or 0,"errno":0 or the errno,"count":..}
+
+use std::{io, os::fd::RawFd};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cgroup, ops)) = args.split_first() else {
+        eprintln!("usage: pg-probe CGROUP_DIR OP...");
+        std::process::exit(2);
+    };
+    std::fs::write(
+        format!("{cgroup}/cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .unwrap_or_else(|error| panic!("cannot move into {cgroup}: {error}"));
+    let mut kept: Vec<Option<RawFd>> = vec![];
+    let mut ops = ops.iter().map(String::as_str);
+    while let Some(op) = ops.next() {
+        let mut next = || {
+            ops.next()
+                .unwrap_or_else(|| panic!("{op}: missing argument"))
+        };
+        match op {
+            "bind" => {
+                let proto = next();
+                let port: u16 = next().parse().expect("port");
+                let fd = socket(proto);
+                let result = bind(fd, port).map(|()| local_port(fd));
+                report(op, proto, result, None);
+                kept.push(Some(fd));
+            }
+            "connect" => {
+                let proto = next();
+                let port: u16 = next().parse().expect("port");
+                let fd = socket(proto);
+                let result = connect(fd, port).map(|()| local_port(fd));
+                report(op, proto, result, None);
+                kept.push(Some(fd));
+            }
+            "connect-until-fail" => {
+                let proto = next();
+                let port: u16 = next().parse().expect("port");
+                let max: usize = next().parse().expect("max");
+                let mut ports = vec![];
+                let mut failure = Ok(0);
+                for _ in 0..max {
+                    let fd = socket(proto);
+                    match connect(fd, port) {
+                        Ok(()) => {
+                            ports.push(local_port(fd));
+                            kept.push(Some(fd));
+                        }
+                        Err(error) => {
+                            failure = Err(error);
+                            // SAFETY: closing our own fd.
+                            unsafe { libc::close(fd) };
+                            break;
+                        }
+                    }
+                }
+                report(op, proto, failure, Some(&ports));
+            }
+            "sendto" => {
+                let proto = next();
+                let port: u16 = next().parse().expect("port");
+                let fd = socket(proto);
+                let addr = loopback(port);
+                // SAFETY: valid fd, buffer and address.
+                let sent = unsafe {
+                    libc::sendto(
+                        fd,
+                        b"x".as_ptr().cast(),
+                        1,
+                        0,
+                        (&raw const addr).cast(),
+                        size_of::<libc::sockaddr_in>() as u32,
+                    )
+                };
+                let result = if sent < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(local_port(fd))
+                };
+                report(op, proto, result, None);
+                kept.push(Some(fd));
+            }
+            "close" => {
+                let index: usize = next().parse().expect("index");
+                let fd = kept[index].take().expect("socket already closed");
+                // SAFETY: closing our own fd.
+                unsafe { libc::close(fd) };
+                report(op, "-", Ok(0), None);
+            }
+            other => panic!("unknown op {other}"),
+        }
+    }
+}
+
+fn report(op: &str, proto: &str, result: io::Result<u16>, ports: Option<&[u16]>) {
+    let (port, errno) = match result {
+        Ok(port) => (port, 0),
+        Err(error) => (0, error.raw_os_error().unwrap_or(-1)),
+    };
+    let ports = ports.map_or(String::new(), |ports| {
+        format!(
+            ",\"ports\":[{}]",
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    });
+    println!(
+        "{{\"op\":\"{op}\",\"proto\":\"{proto}\",\"port\":{port},\"errno\":{errno},\"pid\":{}{ports}}}",
+        std::process::id()
+    );
+}
+
+fn socket(proto: &str) -> RawFd {
+    let kind = match proto {
+        "tcp" => libc::SOCK_STREAM,
+        "udp" => libc::SOCK_DGRAM,
+        other => panic!("unknown protocol {other}"),
+    };
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(libc::AF_INET, kind, 0) };
+    assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+    fd
+}
+
+fn loopback(port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn bind(fd: RawFd, port: u16) -> io::Result<()> {
+    let mut addr = loopback(port);
+    addr.sin_addr.s_addr = 0;
+    // SAFETY: valid fd and address.
+    let ret = unsafe {
+        libc::bind(
+            fd,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn connect(fd: RawFd, port: u16) -> io::Result<()> {
+    let addr = loopback(port);
+    // SAFETY: valid fd and address.
+    let ret = unsafe {
+        libc::connect(
+            fd,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn local_port(fd: RawFd) -> u16 {
+    // SAFETY: zeroed sockaddr_in is valid; getsockname fills it.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: valid fd and out-pointers.
+    let ret = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut len) };
+    assert_eq!(ret, 0, "getsockname: {}", io::Error::last_os_error());
+    u16::from_be(addr.sin_port)
+}

@@ -1,0 +1,476 @@
+//! End-to-end: the real daemon and programs in the real kernel, attached at a private cgroup
+//! subtree, with probe processes in scope cgroups. Every test uses its own port ranges (ports are
+//! host-wide and tests run in parallel), outside the kernel's default ephemeral range.
+
+use std::time::{Duration, Instant};
+
+use portguard_tests::{
+    Daemon, EADDRNOTAVAIL, EPERM, Peers, TestCgroup, bpf_query::portguard_programs, errno, port,
+    privileged, probe,
+};
+
+fn policy(mode: &str, scopes: &[(&str, &str, &str, &str)]) -> String {
+    let mut text = format!("mode = \"{mode}\"\n");
+    for (name, cgroup, ephemeral, extra) in scopes {
+        text += &format!(
+            "[[scope]]\nname = \"{name}\"\ncgroup = \"{cgroup}\"\nephemeral = \"{ephemeral}\"\n{extra}\n"
+        );
+    }
+    text
+}
+
+fn in_range(port: u16, lo: u16, hi: u16) -> bool {
+    (lo..=hi).contains(&port)
+}
+
+#[test]
+fn port_zero_binds_and_connects_land_in_the_scope_range() {
+    if !privileged("port_zero_binds_and_connects_land_in_the_scope_range") {
+        return;
+    }
+    let cgroup = TestCgroup::new("range");
+    let web = cgroup.child("web");
+    let _daemon = Daemon::start(
+        &cgroup,
+        &policy("enforce", &[("web", &cgroup.rel("web"), "21000-21049", "")]),
+    );
+    let peers = Peers::new();
+    let results = probe(
+        &web,
+        &[
+            "bind",
+            "tcp",
+            "0",
+            "bind",
+            "udp",
+            "0",
+            "connect",
+            "tcp",
+            &peers.tcp_port(),
+            "connect",
+            "udp",
+            &peers.udp_port(),
+        ],
+    );
+    for result in &results {
+        assert_eq!(errno(result), 0, "{result}");
+        assert!(
+            in_range(port(result), 21000, 21049),
+            "port outside range: {result}"
+        );
+    }
+}
+
+#[test]
+fn explicit_binds_follow_rules_three_and_four() {
+    if !privileged("explicit_binds_follow_rules_three_and_four") {
+        return;
+    }
+    let cgroup = TestCgroup::new("rules");
+    let listed = cgroup.child("listed");
+    let open = cgroup.child("open");
+    let outside = cgroup.child("outside");
+    let _daemon = Daemon::start(
+        &cgroup,
+        &policy(
+            "enforce",
+            &[
+                (
+                    "listed",
+                    &cgroup.rel("listed"),
+                    "21100-21109",
+                    "bind = [\"21150\"]",
+                ),
+                ("open", &cgroup.rel("open"), "21110-21119", ""),
+            ],
+        ),
+    );
+    // Rule 3 with a bind list: own range and list only.
+    let r = probe(
+        &listed,
+        &[
+            "bind", "tcp", "21105", "bind", "udp", "21150", "bind", "tcp", "21151",
+        ],
+    );
+    assert_eq!(
+        (errno(&r[0]), port(&r[0])),
+        (0, 21105),
+        "own range: {}",
+        r[0]
+    );
+    assert_eq!(
+        (errno(&r[1]), port(&r[1])),
+        (0, 21150),
+        "listed port: {}",
+        r[1]
+    );
+    assert_eq!(errno(&r[2]), EPERM, "unlisted port: {}", r[2]);
+    // Rule 3 without a list: anything but another scope's range.
+    let r = probe(
+        &open,
+        &[
+            "bind", "tcp", "21152", "bind", "tcp", "21101", "bind", "udp", "21112",
+        ],
+    );
+    assert_eq!(
+        (errno(&r[0]), port(&r[0])),
+        (0, 21152),
+        "free port: {}",
+        r[0]
+    );
+    assert_eq!(errno(&r[1]), EPERM, "other scope's range: {}", r[1]);
+    assert_eq!(errno(&r[2]), 0, "own range: {}", r[2]);
+    // Rule 4: under the attach point but in no scope.
+    let r = probe(
+        &outside,
+        &[
+            "bind", "tcp", "21103", "bind", "udp", "21115", "bind", "tcp", "21153",
+        ],
+    );
+    assert_eq!(errno(&r[0]), EPERM, "unscoped into a range: {}", r[0]);
+    assert_eq!(errno(&r[1]), EPERM, "unscoped into a range: {}", r[1]);
+    assert_eq!(errno(&r[2]), 0, "unscoped outside ranges: {}", r[2]);
+}
+
+#[test]
+fn exhaustion_fails_with_eaddrnotavail_and_recovers_when_a_socket_closes() {
+    if !privileged("exhaustion_fails_with_eaddrnotavail_and_recovers_when_a_socket_closes") {
+        return;
+    }
+    let cgroup = TestCgroup::new("exhaust");
+    let small = cgroup.child("small");
+    let daemon = Daemon::start(
+        &cgroup,
+        &policy(
+            "enforce",
+            &[("small", &cgroup.rel("small"), "21200-21207", "")],
+        ),
+    );
+    let peers = Peers::new();
+    let tcp = peers.tcp_port();
+    // TCP: eight bind(0)s fill the range; bind(0) and connect() then fail like the kernel's own
+    // allocator does. A closed bound-only socket frees its port at once (a closed *connected*
+    // one lingers in TIME_WAIT; see the README's limits).
+    let mut ops: Vec<&str> = [["bind", "tcp", "0"]; 9].concat();
+    ops.extend(["connect", "tcp", &tcp, "close", "3", "connect", "tcp", &tcp]);
+    let r = probe(&small, &ops);
+    let mut bound: Vec<u16> = r[..8].iter().map(port).collect();
+    assert!(r[..8].iter().all(|r| errno(r) == 0), "{r:?}");
+    let freed = bound[3];
+    bound.sort_unstable();
+    assert_eq!(
+        bound,
+        (21200..=21207).collect::<Vec<u16>>(),
+        "every port used once"
+    );
+    assert_eq!(
+        errno(&r[8]),
+        EADDRNOTAVAIL,
+        "bind(0) on a full range: {}",
+        r[8]
+    );
+    assert_eq!(
+        errno(&r[9]),
+        EADDRNOTAVAIL,
+        "connect on a full range: {}",
+        r[9]
+    );
+    assert_eq!(
+        (errno(&r[11]), port(&r[11])),
+        (0, freed),
+        "the freed port is found: {}",
+        r[11]
+    );
+
+    // UDP has its own ports: the same range is free again for it.
+    let udp = peers.udp_port();
+    let r = probe(
+        &small,
+        &[
+            "connect-until-fail",
+            "udp",
+            &udp,
+            "20",
+            "bind",
+            "udp",
+            "0",
+            "close",
+            "3",
+            "connect",
+            "udp",
+            &udp,
+        ],
+    );
+    let ports: Vec<u64> = r[0]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .map(|p| p.as_u64().expect("port"))
+        .collect();
+    assert_eq!(
+        ports.len(),
+        8,
+        "all 8 ports of the range, then failure: {}",
+        r[0]
+    );
+    assert_eq!(
+        errno(&r[0]),
+        EADDRNOTAVAIL,
+        "UDP connect exhaustion: {}",
+        r[0]
+    );
+    assert_eq!(
+        errno(&r[1]),
+        EADDRNOTAVAIL,
+        "UDP bind(0) exhaustion: {}",
+        r[1]
+    );
+    assert_eq!(
+        (errno(&r[3]), u64::from(port(&r[3]))),
+        (0, ports[3]),
+        "{}",
+        r[3]
+    );
+
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("scope small: steered 18, denied 0, exhausted 4,"),
+        "{log}"
+    );
+}
+
+#[test]
+fn nested_cgroups_inherit_their_ancestors_scope() {
+    if !privileged("nested_cgroups_inherit_their_ancestors_scope") {
+        return;
+    }
+    let cgroup = TestCgroup::new("nested");
+    let deep = cgroup.child("svc/worker/thread");
+    let inner = cgroup.child("svc/inner");
+    let _daemon = Daemon::start(
+        &cgroup,
+        &policy(
+            "enforce",
+            &[
+                ("svc", &cgroup.rel("svc"), "21300-21309", ""),
+                ("inner", &cgroup.rel("svc/inner"), "21310-21319", ""),
+            ],
+        ),
+    );
+    let r = probe(&deep, &["bind", "tcp", "0"]);
+    assert!(
+        in_range(port(&r[0]), 21300, 21309),
+        "deep child of svc: {}",
+        r[0]
+    );
+    // The nearest scope wins.
+    let r = probe(&inner, &["bind", "tcp", "0"]);
+    assert!(
+        in_range(port(&r[0]), 21310, 21319),
+        "nearest scope: {}",
+        r[0]
+    );
+}
+
+#[test]
+fn audit_mode_denies_nothing_but_counts() {
+    if !privileged("audit_mode_denies_nothing_but_counts") {
+        return;
+    }
+    let cgroup = TestCgroup::new("audit");
+    let a = cgroup.child("a");
+    let daemon = Daemon::start(
+        &cgroup,
+        &policy(
+            "audit",
+            &[
+                ("a", &cgroup.rel("a"), "21400-21409", ""),
+                ("b", &cgroup.rel("b"), "21410-21419", ""),
+            ],
+        ),
+    );
+    let r = probe(&a, &["bind", "tcp", "21415", "bind", "tcp", "0"]);
+    assert_eq!(
+        (errno(&r[0]), port(&r[0])),
+        (0, 21415),
+        "audit allows: {}",
+        r[0]
+    );
+    assert_eq!(errno(&r[1]), 0);
+    assert!(
+        !in_range(port(&r[1]), 21400, 21409),
+        "audit does not steer: {}",
+        r[1]
+    );
+    let (_, log) = daemon.stop();
+    assert!(
+        log.contains("audit-would-deny tcp bind") && log.contains("local port 21415"),
+        "{log}"
+    );
+    assert!(
+        log.contains("scope a: steered 0, denied 0, exhausted 0, allowed 1, audit-would-deny 1,"),
+        "{log}"
+    );
+}
+
+#[test]
+fn stopping_the_daemon_detaches_every_program() {
+    if !privileged("stopping_the_daemon_detaches_every_program") {
+        return;
+    }
+    let cgroup = TestCgroup::new("detach");
+    let web = cgroup.child("web");
+    let daemon = Daemon::start(
+        &cgroup,
+        &policy("enforce", &[("web", &cgroup.rel("web"), "21500-21509", "")]),
+    );
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        [1, 1, 1, 1, 1],
+        "attached while running"
+    );
+    assert_eq!(
+        errno(&probe(&cgroup.root, &["bind", "tcp", "21505"])[0]),
+        EPERM
+    );
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("programs detached"), "{log}");
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        [0, 0, 0, 0, 0],
+        "nothing left attached"
+    );
+    assert_eq!(errno(&probe(&cgroup.root, &["bind", "tcp", "21505"])[0]), 0);
+    let r = probe(&web, &["bind", "tcp", "0"]);
+    assert!(
+        !in_range(port(&r[0]), 21500, 21509),
+        "no longer steered: {}",
+        r[0]
+    );
+}
+
+#[test]
+fn a_scope_cgroup_created_after_start_is_enforced() {
+    if !privileged("a_scope_cgroup_created_after_start_is_enforced") {
+        return;
+    }
+    let cgroup = TestCgroup::new("late");
+    let mut daemon = Daemon::start(
+        &cgroup,
+        &policy(
+            "enforce",
+            &[("late", &cgroup.rel("late"), "21600-21609", "")],
+        ),
+    );
+    assert!(
+        daemon.log().contains("does not exist yet"),
+        "{}",
+        daemon.log()
+    );
+    let late = cgroup.child("late");
+    daemon.wait_for_log("scope late: cgroup", Duration::from_secs(5));
+    let start = Instant::now();
+    loop {
+        let r = probe(&late, &["bind", "udp", "0"]);
+        if in_range(port(&r[0]), 21600, 21609) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "never steered: {}",
+            r[0]
+        );
+    }
+}
+
+#[test]
+fn strict_scopes_refuse_sends_from_kernel_autobound_ports() {
+    if !privileged("strict_scopes_refuse_sends_from_kernel_autobound_ports") {
+        return;
+    }
+    let cgroup = TestCgroup::new("strict");
+    let strict = cgroup.child("strict");
+    let lax = cgroup.child("lax");
+    let daemon = Daemon::start(
+        &cgroup,
+        &policy(
+            "enforce",
+            &[
+                (
+                    "strict",
+                    &cgroup.rel("strict"),
+                    "21700-21709",
+                    "strict = true",
+                ),
+                ("lax", &cgroup.rel("lax"), "21710-21719", ""),
+            ],
+        ),
+    );
+    let peers = Peers::new();
+    let udp = peers.udp_port();
+    let r = probe(&strict, &["sendto", "udp", &udp, "bind", "udp", "0"]);
+    assert_eq!(
+        errno(&r[0]),
+        EPERM,
+        "strict refuses the unsteered send: {}",
+        r[0]
+    );
+    let r = probe(&lax, &["sendto", "udp", &udp]);
+    assert_eq!(errno(&r[0]), 0, "lax allows it: {}", r[0]);
+    let (_, log) = daemon.stop();
+    assert!(
+        log.contains("autobound udp sendmsg"),
+        "counted and logged: {log}"
+    );
+    assert!(log.contains("scope lax: steered 0, denied 0, exhausted 0, allowed 0, audit-would-deny 0, unsteered 1"), "{log}");
+    assert!(log.contains("scope strict: steered 1, denied 1,"), "{log}");
+}
+
+#[test]
+fn observe_mode_logs_unscoped_sockets_and_changes_nothing() {
+    if !privileged("observe_mode_logs_unscoped_sockets_and_changes_nothing") {
+        return;
+    }
+    let cgroup = TestCgroup::new("observe");
+    let any = cgroup.child("any");
+    let mut daemon = Daemon::start(&cgroup, "mode = \"observe\"\n");
+    let peers = Peers::new();
+    let r = probe(&any, &["connect", "tcp", &peers.tcp_port()]);
+    assert_eq!(errno(&r[0]), 0);
+    let pid = r[0]["pid"].as_u64().expect("pid");
+    let line = daemon.wait_for_log(
+        &format!("observed tcp connect: pid {pid} "),
+        Duration::from_secs(5),
+    );
+    assert!(
+        line.contains(&format!("remote 127.0.0.1:{}", peers.tcp_port())),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_bad_policy_never_starts_and_attaches_nothing() {
+    if !privileged("a_bad_policy_never_starts_and_attaches_nothing") {
+        return;
+    }
+    let cgroup = TestCgroup::new("bad");
+    let daemon = Daemon::spawn(
+        &cgroup,
+        "[[scope]]\nname = \"a\"\ncgroup = \"x\"\nephemeral = \"300-200\"\ncolour = 1\n",
+        &[],
+    );
+    let (code, log) = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("policy.toml:4:13: `ephemeral`: range 300-200 is inverted"),
+        "{log}"
+    );
+    assert!(
+        log.contains("policy.toml:5:1: unknown key `colour` in scope"),
+        "{log}"
+    );
+    assert!(log.contains("not starting"), "{log}");
+    assert_eq!(portguard_programs(&cgroup.root), [0, 0, 0, 0, 0]);
+}
