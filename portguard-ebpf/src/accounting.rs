@@ -48,7 +48,7 @@ fn try_post_bind4(ctx: &SockContext) -> Option<i32> {
     };
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-    let _ = SOCKETS.insert(&cookie, &record, 0);
+    let _ = SOCKETS.insert(cookie, record, 0);
     Some(ALLOW)
 }
 
@@ -63,13 +63,13 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(&record) = (unsafe { SOCKETS.get(&cookie) }) else {
+    let Some(&record) = (unsafe { SOCKETS.get(cookie) }) else {
         return ALLOW;
     };
     if record & SOCKET_COUNTED != 0 {
         add_port_held(record & SOCKET_SLOT_MASK, -1);
     }
-    let _ = SOCKETS.remove(&cookie);
+    let _ = SOCKETS.remove(cookie);
     ALLOW
 }
 
@@ -95,13 +95,13 @@ fn try_sendmsg4(ctx: &SockAddrContext) -> Option<i32> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let strict = scope.rule.flags & RULE_STRICT != 0 && scope.rule.flags & RULE_AUDIT == 0;
     // SAFETY: the value is copied out at once.
-    match unsafe { SOCKETS.get(&cookie) }.copied() {
+    match unsafe { SOCKETS.get(cookie) }.copied() {
         Some(record) if record & SOCKET_EXPLICIT != 0 => return Some(ALLOW),
         Some(_) => return Some(if strict { DENY } else { ALLOW }),
         None => {}
     }
     let slot = held_slot(IPPROTO_UDP as u32, port as u32);
-    let _ = SOCKETS.insert(&cookie, &(slot | SOCKET_REPORTED), 0);
+    let _ = SOCKETS.insert(cookie, slot | SOCKET_REPORTED, 0);
     count(scope.id, |c| c.unsteered += 1);
     let decision = Decision {
         op: OP_SENDMSG,

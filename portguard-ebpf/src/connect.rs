@@ -74,7 +74,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<i32> {
             let slot = held_slot(protocol, port as u32);
             add_port_held(slot, 1);
             // A full map only costs the search a wasted bind attempt later; never refuse for it.
-            let _ = SOCKETS.insert(&cookie, &(slot | SOCKET_COUNTED), 0);
+            let _ = SOCKETS.insert(cookie, slot | SOCKET_COUNTED, 0);
             count(scope.id, |c| c.steered += 1);
             emit(&Decision {
                 verdict: VERDICT_STEERED,

@@ -31,7 +31,7 @@ pub fn current_scope() -> Option<(Config, Option<Scope>)> {
         let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         if cgroup_id != 0 {
             // SAFETY: the value is copied out before anything can delete it.
-            if let Some(&id) = unsafe { SCOPE_BY_CGROUP.get(&cgroup_id) } {
+            if let Some(&id) = unsafe { SCOPE_BY_CGROUP.get(cgroup_id) } {
                 let rule = *RULES.get(id)?;
                 return Some((config, Some(Scope { id, rule })));
             }

@@ -49,7 +49,7 @@ impl Errors<'_> {
     }
 
     fn finish(mut self) -> PolicyErrors {
-        self.list.sort_by(|a, b| a.at.cmp(&b.at));
+        self.list.sort_by_key(|error| error.at);
         PolicyErrors(self.list)
     }
 }
