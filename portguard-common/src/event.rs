@@ -6,6 +6,8 @@ pub const OP_BIND: u8 = 1;
 pub const OP_CONNECT: u8 = 2;
 /// UDP sendmsg on a socket the kernel autobound.
 pub const OP_SENDMSG: u8 = 3;
+/// A socket holding a port of a scope's range closed.
+pub const OP_RELEASE: u8 = 4;
 
 pub const VERDICT_ALLOWED: u8 = 1;
 pub const VERDICT_STEERED: u8 = 2;
@@ -16,6 +18,8 @@ pub const VERDICT_AUDIT_WOULD_DENY: u8 = 5;
 pub const VERDICT_OBSERVED: u8 = 6;
 /// The kernel chose the port where no hook could steer it.
 pub const VERDICT_AUTOBOUND: u8 = 7;
+/// The socket gave its port back.
+pub const VERDICT_RELEASED: u8 = 8;
 
 /// `scope_id` of an event about a socket in no scope.
 pub const NO_SCOPE: u32 = u32::MAX;

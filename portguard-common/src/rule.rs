@@ -111,8 +111,11 @@ pub struct Counters {
     /// Sockets that sent from a port the kernel autobound outside the range, where no hook
     /// could steer it (UDP sendmsg on an unbound socket).
     pub unsteered: u64,
+    /// Sockets holding a port of the range now. Per CPU this wraps (a socket may be counted on
+    /// one CPU and released on another); the wrapping sum over CPUs is exact.
+    pub held: u64,
 }
-const _: () = assert!(size_of::<Counters>() == 48);
+const _: () = assert!(size_of::<Counters>() == 56);
 
 impl Counters {
     pub fn add(&mut self, other: &Self) {
@@ -122,6 +125,7 @@ impl Counters {
         self.allowed += other.allowed;
         self.audit_would_deny += other.audit_would_deny;
         self.unsteered += other.unsteered;
+        self.held = self.held.wrapping_add(other.held);
     }
 }
 

@@ -7,8 +7,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use portguard_common::{
-    IPPROTO_TCP, IPPROTO_UDP, NO_OWNER, OP_SENDMSG, RULE_AUDIT, RULE_STRICT, SOCKET_COUNTED,
-    SOCKET_EXPLICIT, SOCKET_REPORTED, SOCKET_SLOT_MASK, VERDICT_AUTOBOUND, held_slot,
+    IPPROTO_TCP, IPPROTO_UDP, NO_OWNER, OP_RELEASE, OP_SENDMSG, RULE_AUDIT, RULE_STRICT,
+    SOCKET_COUNTED, SOCKET_EXPLICIT, SOCKET_REPORTED, SOCKET_SLOT_MASK, VERDICT_AUTOBOUND,
+    VERDICT_RELEASED, held_slot,
 };
 
 use crate::{
@@ -35,8 +36,10 @@ fn try_post_bind4(ctx: &SockContext) -> Option<i32> {
         return Some(ALLOW);
     }
     let slot = held_slot(sock.protocol, port);
-    let record = if port_owner(port as u16) != NO_OWNER {
+    let owner = port_owner(port as u16);
+    let record = if owner != NO_OWNER {
         add_port_held(slot, 1);
+        count(owner - 1, |c| c.held = c.held.wrapping_add(1));
         slot | SOCKET_COUNTED | SOCKET_EXPLICIT
     } else {
         // Only strict scopes need to tell explicit binds from autobinds later.
@@ -66,10 +69,28 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
     let Some(&record) = (unsafe { SOCKETS.get(cookie) }) else {
         return ALLOW;
     };
-    if record & SOCKET_COUNTED != 0 {
-        add_port_held(record & SOCKET_SLOT_MASK, -1);
-    }
     let _ = SOCKETS.remove(cookie);
+    if record & SOCKET_COUNTED == 0 {
+        return ALLOW;
+    }
+    let slot = record & SOCKET_SLOT_MASK;
+    add_port_held(slot, -1);
+    let port = (slot & 0xffff) as u16;
+    let owner = port_owner(port);
+    if owner != NO_OWNER {
+        count(owner - 1, |c| c.held = c.held.wrapping_sub(1));
+        emit(&Decision {
+            op: OP_RELEASE,
+            verdict: VERDICT_RELEASED,
+            scope_id: owner - 1,
+            protocol: sock.protocol as u8,
+            local_port: port,
+            remote_ip4: sock.dst_ip4,
+            remote_port: u16::from_be(sock.dst_port),
+            attempts: 0,
+            errno: 0,
+        });
+    }
     ALLOW
 }
 

@@ -6,6 +6,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::warn;
 use portguard_common::{
     CONFIG_OBSERVE, IPPROTO_TCP, IPPROTO_UDP, NO_SCOPE, OP_CONNECT, RULE_AUDIT, SOCKET_COUNTED,
     VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_OBSERVED, VERDICT_STEERED, held_slot,
@@ -73,6 +74,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<i32> {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
             let slot = held_slot(protocol, port as u32);
             add_port_held(slot, 1);
+            count(scope.id, |c| c.held = c.held.wrapping_add(1));
             // A full map only costs the search a wasted bind attempt later; never refuse for it.
             let _ = SOCKETS.insert(cookie, slot | SOCKET_COUNTED, 0);
             count(scope.id, |c| c.steered += 1);
@@ -92,6 +94,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<i32> {
             },
         ),
         Found::Error { errno, attempts } => {
+            warn!(
+                ctx,
+                "scope {}: bpf_bind failed with errno {}; connect refused", scope.id, errno
+            );
             count(scope.id, |c| c.denied += 1);
             emit(&Decision {
                 verdict: VERDICT_DENIED,

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::protocol::DEFAULT_SOCKET;
+
 /// Per-cgroup ephemeral port ranges and bind/connect rules, enforced in the kernel by eBPF.
 ///
 /// portguard gives each cgroup (a container, a systemd service, a slice) its own range of
@@ -30,6 +32,32 @@ pub enum Command {
         /// Policy file (TOML).
         file: PathBuf,
     },
+    /// Show each scope of the running daemon: range, ports in use with peak, steered, denied and
+    /// exhausted calls, last event; and lost events and uptime.
+    Status {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show the daemon's recent events (binds, connects, releases, refusals), then with --follow
+    /// the live stream.
+    Events {
+        /// Keep printing events as they happen.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only this scope's events.
+        #[arg(long, value_name = "NAME")]
+        scope: Option<String>,
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +77,13 @@ pub struct DaemonArgs {
     /// How often to look for scope cgroups that appeared or went away, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub rescan_ms: u64,
+    /// Control socket for `status` and `events`: created mode 0600 (0660 with --socket-group),
+    /// owned by root.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// A group whose members may also use the control socket (as their primary group).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }
 
 fn parse_ring_size(text: &str) -> Result<u32, String> {

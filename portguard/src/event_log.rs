@@ -1,13 +1,14 @@
-//! Turning kernel events into log lines an operator can search (scope, cgroup, port).
-
-use std::net::Ipv4Addr;
+//! Names for the kernel's event codes, and the one-line form of an event that both the daemon's
+//! log and `portguard events` print, with the names an operator searches for.
 
 use log::Level;
 use portguard_common::{
-    Event, IPPROTO_TCP, IPPROTO_UDP, NO_SCOPE, OP_BIND, OP_CONNECT, OP_SENDMSG, VERDICT_ALLOWED,
+    IPPROTO_TCP, IPPROTO_UDP, OP_BIND, OP_CONNECT, OP_RELEASE, OP_SENDMSG, VERDICT_ALLOWED,
     VERDICT_AUDIT_WOULD_DENY, VERDICT_AUTOBOUND, VERDICT_DENIED, VERDICT_EXHAUSTED,
-    VERDICT_OBSERVED, VERDICT_STEERED,
+    VERDICT_OBSERVED, VERDICT_RELEASED, VERDICT_STEERED,
 };
+
+use crate::protocol::EventRecord;
 
 pub fn verdict_name(verdict: u8) -> &'static str {
     match verdict {
@@ -18,6 +19,7 @@ pub fn verdict_name(verdict: u8) -> &'static str {
         VERDICT_AUDIT_WOULD_DENY => "audit-would-deny",
         VERDICT_OBSERVED => "observed",
         VERDICT_AUTOBOUND => "autobound",
+        VERDICT_RELEASED => "released",
         _ => "unknown",
     }
 }
@@ -27,6 +29,7 @@ pub fn op_name(op: u8) -> &'static str {
         OP_BIND => "bind",
         OP_CONNECT => "connect",
         OP_SENDMSG => "sendmsg",
+        OP_RELEASE => "release",
         _ => "unknown",
     }
 }
@@ -39,44 +42,33 @@ pub fn protocol_name(protocol: u8) -> &'static str {
     }
 }
 
-/// The level to log an event at: refusals always, routine decisions only when debugging.
-pub fn level(event: &Event) -> Level {
-    match event.verdict {
-        VERDICT_DENIED
-        | VERDICT_EXHAUSTED
-        | VERDICT_AUDIT_WOULD_DENY
-        | VERDICT_AUTOBOUND
-        | VERDICT_OBSERVED => Level::Info,
+/// The level to log an event at: refusals and observations always, routine decisions only when
+/// debugging.
+pub fn level(verdict: &str) -> Level {
+    match verdict {
+        "denied" | "exhausted" | "audit-would-deny" | "autobound" | "observed" => Level::Info,
         _ => Level::Debug,
     }
 }
 
-/// One line describing `event`; `scope_name` maps scope ids to names.
-pub fn describe(event: &Event, scope_name: impl Fn(u32) -> Option<String>) -> String {
-    let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(16);
-    let comm = String::from_utf8_lossy(&event.comm[..comm_len]);
-    let scope = if event.scope_id == NO_SCOPE {
-        "no scope".to_owned()
-    } else {
-        format!(
-            "scope {}",
-            scope_name(event.scope_id).unwrap_or_else(|| format!("#{}", event.scope_id))
-        )
+pub fn describe(event: &EventRecord) -> String {
+    let scope = match &event.scope {
+        Some(name) => format!("scope {name}"),
+        None => "no scope".to_owned(),
     };
     let mut line = format!(
         "{} {} {}: pid {} ({}) cgroup {} {}, local port {}",
-        verdict_name(event.verdict),
-        protocol_name(event.protocol),
-        op_name(event.op),
+        event.verdict,
+        event.protocol,
+        event.op,
         event.tgid,
-        comm,
+        event.comm,
         event.cgroup_id,
         scope,
         event.local_port,
     );
-    if event.op != OP_BIND {
-        let remote = Ipv4Addr::from(<[u8; 4]>::try_from(&event.remote_addr[..4]).unwrap_or([0; 4]));
-        line += &format!(", remote {remote}:{}", event.remote_port);
+    if let (Some(addr), Some(port)) = (&event.remote_addr, event.remote_port) {
+        line += &format!(", remote {addr}:{port}");
     }
     if event.attempts > 0 {
         line += &format!(", {} port(s) tried", event.attempts);
@@ -93,27 +85,30 @@ mod tests {
 
     #[test]
     fn describes_a_steered_connect() {
-        let mut comm = [0u8; 16];
-        comm[..4].copy_from_slice(b"curl");
-        let event = Event {
+        let event = EventRecord {
+            ts_ns: 1,
+            time: "2026-01-01T00:00:00Z".into(),
             tgid: 42,
             pid: 42,
+            comm: "curl".into(),
             cgroup_id: 7,
-            scope_id: 0,
-            attempts: 3,
-            remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            comm,
+            scope_id: Some(0),
+            scope: Some("web".into()),
+            family: "ipv4".into(),
+            protocol: "tcp".into(),
+            op: "connect".into(),
             local_port: 40001,
-            remote_port: 8080,
-            protocol: IPPROTO_TCP,
-            op: OP_CONNECT,
-            verdict: VERDICT_STEERED,
-            ..Event::default()
+            remote_addr: Some("127.0.0.1".into()),
+            remote_port: Some(8080),
+            verdict: "steered".into(),
+            attempts: 3,
+            errno: 0,
         };
         assert_eq!(
-            describe(&event, |_| Some("web".into())),
+            describe(&event),
             "steered tcp connect: pid 42 (curl) cgroup 7 scope web, local port 40001, remote 127.0.0.1:8080, 3 port(s) tried"
         );
-        assert_eq!(level(&event), Level::Debug);
+        assert_eq!(level(&event.verdict), Level::Debug);
+        assert_eq!(level("denied"), Level::Info);
     }
 }

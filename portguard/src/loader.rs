@@ -4,16 +4,16 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, RingBuf},
     programs::{CgroupAttachMode, Program},
 };
+use aya_log::EbpfLogger;
 use portguard_common::{
-    ALL_PROGRAMS, Config, Counters, MAP_BIND_ALLOW, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS,
-    MAP_LOST_EVENTS, MAP_PORT_OWNER, MAP_RULES, MAP_SCOPE_BY_CGROUP, NO_OWNER, PortBitmap,
-    ScopeRule,
+    ALL_PROGRAMS, Config, MAP_BIND_ALLOW, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_LOST_EVENTS,
+    MAP_PORT_OWNER, MAP_RULES, MAP_SCOPE_BY_CGROUP, NO_OWNER, PortBitmap, ScopeRule,
 };
 
-use crate::policy::CompiledPolicy;
+use crate::{live_state::KernelStats, policy::CompiledPolicy};
 
 /// The programs as built by `build.rs`.
 pub static PROGRAMS_OBJECT: &[u8] =
@@ -172,24 +172,28 @@ impl Enforcer {
         RingBuf::try_from(map).map_err(map_error(MAP_EVENTS))
     }
 
-    /// A scope's counters summed over CPUs.
-    pub fn counters(&self, row: u32) -> Result<Counters, LoadError> {
-        let map: PerCpuArray<&MapData, Counters> = self.map(MAP_COUNTERS)?;
-        let mut total = Counters::default();
-        for counters in map.get(&row, 0).map_err(map_error(MAP_COUNTERS))?.iter() {
-            total.add(counters);
-        }
-        Ok(total)
+    /// The counter maps, for the daemon's live state.
+    pub fn take_stats(&mut self) -> Result<KernelStats, LoadError> {
+        Ok(KernelStats {
+            counters: self.take(MAP_COUNTERS)?,
+            lost: self.take(MAP_LOST_EVENTS)?,
+        })
     }
 
-    /// Events the programs could not put in the ring buffer.
-    pub fn lost_events(&self) -> Result<u64, LoadError> {
-        let map: PerCpuArray<&MapData, u64> = self.map(MAP_LOST_EVENTS)?;
-        Ok(map
-            .get(&0, 0)
-            .map_err(map_error(MAP_LOST_EVENTS))?
-            .iter()
-            .sum())
+    /// The reader of the programs' aya-log records, which go to the daemon's log.
+    pub fn take_logger(&mut self) -> Result<EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        EbpfLogger::init(&mut self.ebpf)
+    }
+
+    fn take<M>(&mut self, name: &'static str) -> Result<M, LoadError>
+    where
+        M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(LoadError::MissingMap(name))?;
+        M::try_from(map).map_err(map_error(name))
     }
 
     fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, LoadError>
@@ -197,14 +201,6 @@ impl Enforcer {
         M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
     {
         let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
-        M::try_from(map).map_err(map_error(name))
-    }
-
-    fn map<'a, M>(&'a self, name: &'static str) -> Result<M, LoadError>
-    where
-        M: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
-    {
-        let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
         M::try_from(map).map_err(map_error(name))
     }
 }

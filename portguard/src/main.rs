@@ -3,12 +3,18 @@
 mod cgroup;
 mod check;
 mod cli;
+mod client;
+mod control;
 mod daemon;
 mod event_log;
+mod events;
+mod live_state;
 mod loader;
 mod policy;
 mod policy_file;
+mod protocol;
 mod scope_cgroups;
+mod status;
 
 use std::process::ExitCode;
 
@@ -22,6 +28,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Daemon(args) => daemon::run(args),
         Command::Check { file } => check::run(&file),
+        Command::Status { json, socket } => status::run(&socket, json).map(|()| ExitCode::SUCCESS),
+        Command::Events {
+            follow,
+            json,
+            scope,
+            socket,
+        } => events::run(&socket, follow, json, scope).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

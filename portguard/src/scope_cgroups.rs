@@ -35,8 +35,9 @@ impl ScopeCgroups {
         }
     }
 
-    pub fn name(&self, scope_id: u32) -> Option<&str> {
-        self.scopes.get(scope_id as usize).map(|s| s.name.as_str())
+    /// Whether each scope's cgroup exists, in scope order.
+    pub fn active(&self) -> impl Iterator<Item = bool> + '_ {
+        self.scopes.iter().map(|scope| scope.id.is_some())
     }
 
     /// Brings the kernel's cgroup -> scope map in line with the cgroups that exist now.

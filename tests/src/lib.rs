@@ -131,6 +131,7 @@ pub fn portguard_bin() -> PathBuf {
 pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
+    socket: PathBuf,
     _policy: PathBuf,
 }
 
@@ -148,6 +149,7 @@ impl Daemon {
         fs::write(&policy_path, policy).expect("write policy");
         let log = cgroup_temp_file(cgroup, "daemon.log");
         let log_file = fs::File::create(&log).expect("create daemon log");
+        let socket = cgroup_temp_file(cgroup, "control.sock");
         let child = Command::new(portguard_bin())
             .arg("daemon")
             .arg("--policy")
@@ -155,6 +157,8 @@ impl Daemon {
             .arg("--cgroup")
             .arg(&cgroup.root)
             .args(["--rescan-ms", "50"])
+            .arg("--socket")
+            .arg(&socket)
             .args(extra)
             .env("RUST_LOG", "debug,aya=warn,aya_obj=warn")
             .stdout(Stdio::null())
@@ -164,8 +168,49 @@ impl Daemon {
         Self {
             child: Some(child),
             log,
+            socket,
             _policy: policy_path,
         }
+    }
+
+    /// The daemon's control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Runs `portguard ARGS --socket <this daemon's socket>` and returns its output.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(portguard_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run portguard")
+    }
+
+    /// `portguard status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let output = self.cli(&["status", "--json"]);
+        assert!(
+            output.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+
+    /// `portguard events --json`, parsed.
+    pub fn events(&self) -> Vec<Value> {
+        let output = self.cli(&["events", "--json"]);
+        assert!(
+            output.status.success(),
+            "events failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("event JSON"))
+            .collect()
     }
 
     pub fn log(&self) -> String {
@@ -259,6 +304,44 @@ fn probe_bin() -> PathBuf {
         .and_then(Path::parent)
         .expect("test binary in target/<profile>/deps");
     dir.join("pg-probe")
+}
+
+/// A probe running in the background, for tests that look at the daemon while sockets are held.
+pub struct RunningProbe {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl RunningProbe {
+    pub fn spawn(dir: &Path, ops: &[&str]) -> Self {
+        let mut child = Command::new(probe_bin())
+            .arg(dir)
+            .args(ops)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pg-probe");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("probe stdout"));
+        Self { child, stdout }
+    }
+
+    /// The next result line (blocks until the probe prints it).
+    pub fn next_result(&mut self) -> Value {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read probe output");
+        assert!(!line.is_empty(), "probe ended early");
+        serde_json::from_str(&line).expect("probe JSON")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the probe to exit.
+    pub fn finish(mut self) {
+        let status = self.child.wait().expect("wait probe");
+        assert!(status.success(), "probe failed: {status}");
+    }
 }
 
 /// Runs the probe in cgroup `dir` with `ops` and returns its JSON result lines.

@@ -8,6 +8,8 @@
 //!                              connect new sockets until one fails or MAX succeeded
 //!   sendto udp PORT            sendto 127.0.0.1:PORT from a new unbound socket, keep it
 //!   close N                    close the N-th kept socket (0-based)
+//!   bind-loop tcp|udp PORT N   N times: a new socket bound to PORT, closed at once
+//!   hold FILE                  print {"op":"hold"} and wait (30 s at most) until FILE exists
 //! Each result: {"op":..,"proto":..,"port":local port or 0,"errno":0 or the errno,"count":..}
 
 use std::{io, os::fd::RawFd};
@@ -93,6 +95,35 @@ fn main() {
                 };
                 report(op, proto, result, None);
                 kept.push(Some(fd));
+            }
+            "bind-loop" => {
+                let proto = next();
+                let port: u16 = next().parse().expect("port");
+                let times: usize = next().parse().expect("count");
+                let mut failures = 0;
+                for _ in 0..times {
+                    let fd = socket(proto);
+                    failures += usize::from(bind(fd, port).is_err());
+                    // SAFETY: closing our own fd.
+                    unsafe { libc::close(fd) };
+                }
+                println!(
+                    "{{\"op\":\"bind-loop\",\"proto\":\"{proto}\",\"port\":{port},\"errno\":0,\"failures\":{failures},\"pid\":{}}}",
+                    std::process::id()
+                );
+            }
+            "hold" => {
+                let file = next();
+                println!(
+                    "{{\"op\":\"hold\",\"proto\":\"-\",\"port\":0,\"errno\":0,\"pid\":{}}}",
+                    std::process::id()
+                );
+                use std::io::Write as _;
+                std::io::stdout().flush().expect("flush");
+                let start = std::time::Instant::now();
+                while !std::path::Path::new(file).exists() && start.elapsed().as_secs() < 30 {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
             "close" => {
                 let index: usize = next().parse().expect("index");
