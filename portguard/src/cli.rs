@@ -42,6 +42,21 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Report what to fix on this host: the ephemeral range's size, parity and place against the
+    /// IANA range (RFC 6335), reserved ports, ip_unprivileged_port_start, listeners inside the
+    /// ephemeral range (with their processes), and the policy's scopes against all of that.
+    /// Reads live kernel state; run as root to name every socket's process.
+    Doctor {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Policy to check (default: /etc/portguard/policy.toml if it exists).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// The Kubernetes NodePort range to check, e.g. 30000-32767.
+        #[arg(long, value_name = "LO-HI")]
+        nodeport_range: Option<String>,
+    },
     /// Show the daemon's recent events (binds, connects, releases, refusals), then with --follow
     /// the live stream.
     Events {

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod control;
 mod daemon;
+mod doctor;
 mod event_log;
 mod events;
 mod live_state;
@@ -28,6 +29,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Daemon(args) => daemon::run(args),
         Command::Check { file } => check::run(&file),
+        Command::Doctor {
+            json,
+            policy,
+            nodeport_range,
+        } => doctor::run(json, policy.as_deref(), nodeport_range.as_deref()),
         Command::Status { json, socket } => status::run(&socket, json).map(|()| ExitCode::SUCCESS),
         Command::Events {
             follow,

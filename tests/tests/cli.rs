@@ -129,3 +129,34 @@ fn help_explains_commands_and_options() {
     let help = text(&out.stdout);
     assert!(help.contains("daemon") && help.contains("check"), "{help}");
 }
+
+#[test]
+fn doctor_names_a_listener_inside_the_ephemeral_range() {
+    // The kernel picks port 0 from its ephemeral range: exactly what doctor should flag.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let out = portguard(&["doctor", "--json", "--nodeport-range", "30000-32767"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    assert_eq!(report["version"], 1);
+    let findings = report["findings"].as_array().expect("findings");
+    let port_text = port.to_string();
+    let ours = findings
+        .iter()
+        .find(|f| f["check"] == "listener_in_ephemeral_range" && f["ports"][0] == *port_text)
+        .unwrap_or_else(|| panic!("no finding for port {port}: {report}"));
+    assert_eq!(ours["severity"], "warning");
+    let message = ours["message"].as_str().expect("message");
+    assert!(
+        message.contains(&format!("(pid {})", std::process::id())),
+        "names this process: {message}"
+    );
+    assert_eq!(
+        ours["fix"],
+        format!("add {port} to net.ipv4.ip_local_reserved_ports")
+    );
+    assert!(
+        findings.iter().any(|f| f["check"] == "nodeport_range"),
+        "checks the NodePort range: {report}"
+    );
+}
