@@ -47,7 +47,7 @@ pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_S
 
 /// Decision events for the daemon. The daemon may resize it at load time.
 #[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
 /// Events that did not fit in the ring buffer (index 0).
 #[map(name = "LOST_EVENTS")]

@@ -87,7 +87,7 @@ pub struct DaemonArgs {
     pub cgroup: Option<PathBuf>,
     /// Size of the kernel-to-daemon event ring buffer in bytes: a power of two and a multiple of
     /// the page size.
-    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024, value_parser = parse_ring_size)]
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024, value_parser = parse_ring_size)]
     pub events_buffer: u32,
     /// How often to look for scope cgroups that appeared or went away, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]

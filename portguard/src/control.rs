@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use crate::{
-    live_state::LiveState,
+    live_state::{LiveState, decode},
     protocol::{Command, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response},
 };
 
@@ -201,10 +201,14 @@ async fn events(
         match &scope {
             Some(name) if !state.has_scope(name) => None,
             // Subscribe before copying the history so nothing falls between the two.
-            _ => Some((state.recent(scope.as_deref(), limit), state.follow())),
+            _ => Some((
+                state.recent(scope.as_deref(), limit),
+                state.follow(),
+                state.names(),
+            )),
         }
     };
-    let Some((recent, mut live)) = snapshot else {
+    let Some((recent, mut live, names)) = snapshot else {
         let name = scope.unwrap_or_default();
         let error = Response::error(format!("no scope named `{name}` in the running policy"));
         return write.write_all(error.to_line().as_bytes()).await;
@@ -212,7 +216,7 @@ async fn events(
     let last_sent = recent.last().map(|event| event.ts_ns);
     for event in recent {
         write
-            .write_all(Response::event((*event).clone()).to_line().as_bytes())
+            .write_all(Response::event(event).to_line().as_bytes())
             .await?;
     }
     if !follow {
@@ -220,14 +224,16 @@ async fn events(
     }
     loop {
         match live.recv().await {
-            Ok(event) => {
-                if last_sent.is_some_and(|ts| event.ts_ns <= ts)
-                    || (scope.is_some() && event.scope != scope)
-                {
+            Ok(received) => {
+                if last_sent.is_some_and(|ts| received.event.ts_ns <= ts) {
+                    continue;
+                }
+                let event = decode(&received, &names);
+                if scope.is_some() && event.scope != scope {
                     continue;
                 }
                 write
-                    .write_all(Response::event((*event).clone()).to_line().as_bytes())
+                    .write_all(Response::event(event).to_line().as_bytes())
                     .await?;
             }
             Err(RecvError::Lagged(missed)) => {

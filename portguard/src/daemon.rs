@@ -4,7 +4,7 @@
 use std::{
     process::ExitCode,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -20,7 +20,7 @@ use crate::{
     cli::DaemonArgs,
     control::{self, Access},
     event_log,
-    live_state::LiveState,
+    live_state::{LiveState, Received, decode},
     loader::Enforcer,
     policy::{HostPorts, Mode, compile, host_warnings},
     policy_file::PolicySource,
@@ -203,6 +203,8 @@ impl Loops<'_> {
 
     fn drain_events(&self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         let mut state = lock(self.state)?;
+        let (at, now) = (SystemTime::now(), Instant::now());
+        let names = state.names();
         while let Some(item) = ring.next() {
             let Some(event) = read_event(&item) else {
                 log::warn!(
@@ -211,13 +213,14 @@ impl Loops<'_> {
                 );
                 continue;
             };
-            let record = state.record(&event);
-            let level = event_log::level(&record.verdict);
+            state.record(event, at, now);
+            let level = event_log::level(event_log::verdict_name(event.verdict));
             if log::log_enabled!(level) {
+                let record = decode(&Received { event, at }, &names);
                 log::log!(level, "{}", event_log::describe(&record));
             }
         }
-        state.refresh_peaks();
+        state.refresh_peaks(false);
         Ok(())
     }
 }

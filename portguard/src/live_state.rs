@@ -1,10 +1,13 @@
 //! What the daemon knows right now: counters from the kernel, peaks, recent events, followers.
 //! Shared between the event reader and the control socket; never held across an await.
+//!
+//! Events are kept as the kernel's fixed-size records and decoded only when someone reads them,
+//! so the reader's cost per event stays a copy, whatever the rate.
 
 use std::{
     collections::VecDeque,
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{MapData, PerCpuArray};
@@ -21,6 +24,9 @@ use crate::{
 pub const HISTORY: usize = 4096;
 /// Events a slow follower may fall behind before it is told it lost some.
 const FOLLOWER_BACKLOG: usize = 4096;
+/// How often the event reader folds the kernel's holdings into the peaks (status requests
+/// always do).
+const PEAK_REFRESH: Duration = Duration::from_millis(10);
 
 /// The kernel's per-CPU counter maps, taken out of the loaded object.
 pub struct KernelStats {
@@ -42,6 +48,13 @@ impl KernelStats {
     }
 }
 
+/// An event as received: the kernel's record and when the daemon read it.
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    pub event: Event,
+    pub at: SystemTime,
+}
+
 struct ScopeLive {
     name: String,
     cgroup: String,
@@ -52,14 +65,19 @@ struct ScopeLive {
     last_event: Option<Instant>,
 }
 
+/// Scope names by id, shared with followers so they can decode events on their own.
+pub type ScopeNames = Arc<Vec<String>>;
+
 pub struct LiveState {
     started: Instant,
     policy_name: String,
     mode: Mode,
     scopes: Vec<ScopeLive>,
+    names: ScopeNames,
     stats: KernelStats,
-    history: VecDeque<Arc<EventRecord>>,
-    followers: broadcast::Sender<Arc<EventRecord>>,
+    history: VecDeque<Received>,
+    followers: broadcast::Sender<Received>,
+    peaks_refreshed: Instant,
 }
 
 impl LiveState {
@@ -81,14 +99,20 @@ impl LiveState {
                     last_event: None,
                 })
                 .collect(),
+            names: Arc::new(policy.scopes.iter().map(|s| s.name.clone()).collect()),
             stats,
             history: VecDeque::with_capacity(HISTORY),
             followers: broadcast::channel(FOLLOWER_BACKLOG).0,
+            peaks_refreshed: Instant::now(),
         }
     }
 
     pub fn has_scope(&self, name: &str) -> bool {
         self.scopes.iter().any(|scope| scope.name == name)
+    }
+
+    pub fn names(&self) -> ScopeNames {
+        self.names.clone()
     }
 
     pub fn set_active(&mut self, scope_id: usize, active: bool) {
@@ -97,27 +121,28 @@ impl LiveState {
         }
     }
 
-    /// Records one kernel event and returns it decoded.
-    pub fn record(&mut self, event: &Event) -> Arc<EventRecord> {
-        let scope = (event.scope_id != NO_SCOPE)
-            .then(|| self.scopes.get_mut(event.scope_id as usize))
-            .flatten();
-        let scope_name = scope.map(|scope| {
-            scope.last_event = Some(Instant::now());
-            scope.name.clone()
-        });
-        let record = Arc::new(decode(event, scope_name));
+    /// Records one kernel event received at `at` (read once per batch by the caller).
+    pub fn record(&mut self, event: Event, at: SystemTime, now: Instant) {
+        if let Some(scope) = self.scopes.get_mut(event.scope_id as usize) {
+            scope.last_event = Some(now);
+        }
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
-        self.history.push_back(record.clone());
-        // No receiver is fine: nobody follows.
-        let _ = self.followers.send(record.clone());
-        record
+        let received = Received { event, at };
+        self.history.push_back(received);
+        if self.followers.receiver_count() > 0 {
+            let _ = self.followers.send(received);
+        }
     }
 
-    /// Folds the kernel's current holdings into each scope's peak.
-    pub fn refresh_peaks(&mut self) {
+    /// Folds the kernel's current holdings into each scope's peak, at most every
+    /// `PEAK_REFRESH` unless `force`.
+    pub fn refresh_peaks(&mut self, force: bool) {
+        if !force && self.peaks_refreshed.elapsed() < PEAK_REFRESH {
+            return;
+        }
+        self.peaks_refreshed = Instant::now();
         for (id, scope) in self.scopes.iter_mut().enumerate() {
             if let Ok(counters) = self.stats.counters(id as u32) {
                 scope.peak = scope.peak.max(in_use(&counters));
@@ -126,7 +151,7 @@ impl LiveState {
     }
 
     pub fn status(&mut self) -> Result<Status, aya::maps::MapError> {
-        self.refresh_peaks();
+        self.refresh_peaks(true);
         let now = Instant::now();
         let mut scopes = vec![];
         for (id, scope) in self.scopes.iter().enumerate() {
@@ -167,18 +192,18 @@ impl LiveState {
     }
 
     /// The kept events, oldest first, optionally of one scope and at most `limit` of them.
-    pub fn recent(&self, scope: Option<&str>, limit: Option<usize>) -> Vec<Arc<EventRecord>> {
-        let matching: Vec<_> = self
+    pub fn recent(&self, scope: Option<&str>, limit: Option<usize>) -> Vec<EventRecord> {
+        let matching: Vec<EventRecord> = self
             .history
             .iter()
+            .map(|received| decode(received, &self.names))
             .filter(|event| scope.is_none() || event.scope.as_deref() == scope)
-            .cloned()
             .collect();
         let skip = limit.map_or(0, |limit| matching.len().saturating_sub(limit));
         matching.into_iter().skip(skip).collect()
     }
 
-    pub fn follow(&self) -> broadcast::Receiver<Arc<EventRecord>> {
+    pub fn follow(&self) -> broadcast::Receiver<Received> {
         self.followers.subscribe()
     }
 
@@ -192,7 +217,9 @@ fn in_use(counters: &Counters) -> u64 {
     (counters.held as i64).max(0) as u64
 }
 
-fn decode(event: &Event, scope: Option<String>) -> EventRecord {
+/// The event in the protocol's terms; `names` maps scope ids to names.
+pub fn decode(received: &Received, names: &[String]) -> EventRecord {
+    let event = &received.event;
     let comm_len = event
         .comm
         .iter()
@@ -205,15 +232,16 @@ fn decode(event: &Event, scope: Option<String>) -> EventRecord {
         event.remote_addr[2],
         event.remote_addr[3],
     );
+    let scope_id = (event.scope_id != NO_SCOPE).then_some(event.scope_id);
     EventRecord {
         ts_ns: event.ts_ns,
-        time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        time: humantime::format_rfc3339_micros(received.at).to_string(),
         tgid: event.tgid,
         pid: event.pid,
         comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
         cgroup_id: event.cgroup_id,
-        scope_id: (event.scope_id != NO_SCOPE).then_some(event.scope_id),
-        scope,
+        scope_id,
+        scope: scope_id.and_then(|id| names.get(id as usize).cloned()),
         family: if event.family == AF_INET {
             "ipv4"
         } else {

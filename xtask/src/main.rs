@@ -1,6 +1,7 @@
 //! portguard's developer tasks. `cargo xtask run` and `cargo xtask test` are all a fresh
 //! machine needs: both install what is missing first.
 
+mod bench;
 mod cmd;
 mod run;
 mod setup;
@@ -29,6 +30,13 @@ enum Task {
     Test,
     /// As root: set up, build and run the daemon in the foreground. Without arguments it uses the
     /// embedded observe-only policy; arguments after `--` go to `portguard daemon`.
+    /// As root: measure the event pipeline, daemon start-up and memory; write bench/results.json
+    /// and bench/results.md.
+    Bench {
+        /// One short repetition, to check that the benchmark still works (CI runs this).
+        #[arg(long)]
+        quick: bool,
+    },
     Run {
         /// Arguments for `portguard daemon`, e.g. `-- --policy my.toml`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -43,6 +51,7 @@ fn main() -> ExitCode {
         Task::Build => setup::run()
             .and_then(|()| cmd::cargo(&["build", "--release", "--package", "portguard"])),
         Task::Test => test::run(),
+        Task::Bench { quick } => bench::run(quick),
         Task::Run { daemon_args } => run::run(&daemon_args),
     };
     match result {

@@ -9,6 +9,10 @@
 //!   sendto udp PORT            sendto 127.0.0.1:PORT from a new unbound socket, keep it
 //!   close N                    close the N-th kept socket (0-based)
 //!   bind-loop tcp|udp PORT N   N times: a new socket bound to PORT, closed at once
+//!   rebind-loop tcp|udp PORT N bind one socket to PORT, then call bind() on it N more times
+//!                              (each runs the bind hook, then fails EINVAL): one event per call
+//!   rebind-paced tcp|udp PORT N RATE
+//!                              the same at RATE calls per second at most
 //!   hold FILE                  print {"op":"hold"} and wait (30 s at most) until FILE exists
 //! Each result: {"op":..,"proto":..,"port":local port or 0,"errno":0 or the errno,"count":..}
 
@@ -111,6 +115,35 @@ fn main() {
                     "{{\"op\":\"bind-loop\",\"proto\":\"{proto}\",\"port\":{port},\"errno\":0,\"failures\":{failures},\"pid\":{}}}",
                     std::process::id()
                 );
+            }
+            "rebind-loop" | "rebind-paced" => {
+                let proto = next();
+                let port: u16 = next().parse().expect("port");
+                let times: usize = next().parse().expect("count");
+                let per_second: f64 = if op == "rebind-paced" {
+                    next().parse().expect("rate")
+                } else {
+                    f64::INFINITY
+                };
+                let fd = socket(proto);
+                bind(fd, port).expect("first bind");
+                let mut refused = 0;
+                let start = std::time::Instant::now();
+                for call in 0..times {
+                    // Pace in batches so that sleeping does not dominate.
+                    if call % 256 == 0 && per_second.is_finite() {
+                        let due = std::time::Duration::from_secs_f64(call as f64 / per_second);
+                        if let Some(wait) = due.checked_sub(start.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    refused += usize::from(bind(fd, port).is_err());
+                }
+                println!(
+                    "{{\"op\":\"rebind-loop\",\"proto\":\"{proto}\",\"port\":{port},\"errno\":0,\"failures\":{refused},\"pid\":{}}}",
+                    std::process::id()
+                );
+                kept.push(Some(fd));
             }
             "hold" => {
                 let file = next();
