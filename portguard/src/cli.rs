@@ -57,6 +57,13 @@ pub enum Command {
         #[arg(long, value_name = "LO-HI")]
         nodeport_range: Option<String>,
     },
+    /// Make the running daemon re-read its policy (as SIGHUP does). A policy with errors is
+    /// refused with every error, and the running policy stays in force.
+    Reload {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Show the daemon's recent events (binds, connects, releases, refusals), then with --follow
     /// the live stream.
     Events {

@@ -12,13 +12,16 @@ use anyhow::{Context as _, bail};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
-    sync::broadcast::error::RecvError,
+    sync::{broadcast::error::RecvError, mpsc, oneshot},
 };
 
 use crate::{
     live_state::{LiveState, decode},
     protocol::{Command, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response},
 };
+
+/// Asks the daemon's main loop to reload; the answer is the applied summary or the errors.
+pub type ReloadRequests = mpsc::Sender<oneshot::Sender<Result<String, String>>>;
 
 /// Who may talk to the daemon besides root.
 #[derive(Clone, Copy, Debug)]
@@ -91,13 +94,19 @@ pub fn bind(path: &Path, access: Access) -> anyhow::Result<ControlSocket> {
 }
 
 /// Accepts clients until the task is dropped.
-pub async fn serve(socket: &ControlSocket, state: Arc<Mutex<LiveState>>, access: Access) {
+pub async fn serve(
+    socket: &ControlSocket,
+    state: Arc<Mutex<LiveState>>,
+    access: Access,
+    reloads: ReloadRequests,
+) {
     loop {
         match socket.listener.accept().await {
             Ok((stream, _)) => {
                 let state = state.clone();
+                let reloads = reloads.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = client(stream, state, access).await {
+                    if let Err(error) = client(stream, state, access, reloads).await {
                         log::debug!("control client: {error}");
                     }
                 });
@@ -114,6 +123,7 @@ async fn client(
     stream: UnixStream,
     state: Arc<Mutex<LiveState>>,
     access: Access,
+    reloads: ReloadRequests,
 ) -> io::Result<()> {
     let credentials = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
@@ -160,6 +170,19 @@ async fn client(
                 let response = match state.lock().map_err(|_| poisoned())?.status() {
                     Ok(status) => Response::status(status),
                     Err(error) => Response::error(format!("reading counters: {error}")),
+                };
+                write.write_all(response.to_line().as_bytes()).await?;
+            }
+            Command::Reload => {
+                let (answer, outcome) = oneshot::channel();
+                let response = if reloads.send(answer).await.is_err() {
+                    Response::error("the daemon is stopping")
+                } else {
+                    match outcome.await {
+                        Ok(Ok(summary)) => Response::reloaded(summary),
+                        Ok(Err(errors)) => Response::error(errors),
+                        Err(_) => Response::error("the daemon is stopping"),
+                    }
                 };
                 write.write_all(response.to_line().as_bytes()).await?;
             }

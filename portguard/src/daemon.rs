@@ -1,7 +1,8 @@
-//! `portguard daemon`: load, apply, attach, then serve events and the control socket and follow
-//! cgroups until a signal.
+//! `portguard daemon`: load, apply, attach, then serve events and the control socket, follow
+//! cgroups and reload on request until a signal.
 
 use std::{
+    path::PathBuf,
     process::ExitCode,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -13,6 +14,7 @@ use portguard_common::{Counters, Event, UNSCOPED_COUNTERS};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
 };
 
 use crate::{
@@ -20,9 +22,9 @@ use crate::{
     cli::DaemonArgs,
     control::{self, Access},
     event_log,
-    live_state::{LiveState, Received, decode},
+    live_state::{LiveState, Received, ReloadOutcome, decode},
     loader::Enforcer,
-    policy::{HostPorts, Mode, compile, host_warnings},
+    policy::{HostPorts, Mode, Policy, assign_ids, compile, host_warnings},
     policy_file::PolicySource,
     scope_cgroups::ScopeCgroups,
 };
@@ -42,14 +44,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let policy = source
         .parse()
         .context("the policy has errors; not starting")?;
-    match HostPorts::read() {
-        Ok(host) => {
-            for warning in host_warnings(&policy, &host) {
-                log::warn!("{warning}");
-            }
-        }
-        Err(error) => log::warn!("cannot read the host's port settings: {error}"),
-    }
+    warn_about_host(&policy);
     let mount = Cgroup2Mount::find()?;
     let attach_at = args.cgroup.clone().unwrap_or_else(|| mount.path.clone());
     if !is_cgroup2_dir(&attach_at)
@@ -61,27 +56,19 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             mount.path.display()
         );
     }
-    let compiled = compile(&policy, mount.root_level)?;
+    let ids = assign_ids(&[], &policy).map_err(anyhow::Error::msg)?;
+    let compiled = compile(&policy, mount.root_level, &ids)?;
 
     let mut enforcer = Enforcer::load(args.events_buffer).context("loading the eBPF programs")?;
     enforcer
         .apply(&compiled)
         .context("writing the policy into the kernel maps")?;
-    let mut cgroups = ScopeCgroups::new(&policy);
+    let mut cgroups = ScopeCgroups::new(&policy, &ids);
     cgroups
         .sync(&mount, &mut enforcer)
         .context("resolving scope cgroups")?;
     cgroups.log_missing(&mount);
-    for scope in &policy.scopes {
-        log::info!(
-            "scope {}: cgroup {}, ephemeral {} ({} ports), {}",
-            scope.name,
-            scope.cgroup,
-            scope.ephemeral,
-            scope.ephemeral.len(),
-            scope.effective_mode(policy.mode)
-        );
-    }
+    log_scopes(&policy);
     let events = enforcer.take_events()?;
     let logger = enforcer
         .take_logger()
@@ -89,6 +76,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let state = Arc::new(Mutex::new(LiveState::new(
         source.name.clone(),
         &policy,
+        &ids,
         enforcer.take_stats()?,
     )));
 
@@ -96,90 +84,118 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let mut running = Running {
+        enforcer,
+        cgroups,
+        mount,
+        state: state.clone(),
+        policy,
+        ids,
+        policy_arg: args.policy.clone(),
+    };
     runtime.block_on(async {
         let socket = control::bind(&args.socket, access)?;
-        enforcer
+        running
+            .enforcer
             .attach(&attach_at)
             .with_context(|| format!("attaching to cgroup {}", attach_at.display()))?;
         log::info!(
             "policy {} ({} mode, {} scopes) attached at {}; control socket {}",
             source.name,
-            policy.mode,
-            policy.scopes.len(),
+            running.policy.mode,
+            running.policy.scopes.len(),
             attach_at.display(),
             args.socket.display()
         );
-        if policy.mode == Mode::Observe {
+        if running.policy.mode == Mode::Observe {
             log::info!(
                 "observe mode: every bind and connect under the attach point is logged; nothing is changed"
             );
         }
         log::info!("ready");
-        let loops = Loops {
-            enforcer: &mut enforcer,
-            cgroups: &mut cgroups,
-            mount: &mount,
-            state: &state,
-            rescan: Duration::from_millis(args.rescan_ms.max(10)),
-        };
+        let (reload_requests, reloads) = mpsc::channel(4);
         tokio::select! {
-            result = loops.run(events, logger) => result,
-            () = control::serve(&socket, state.clone(), access) => Ok(()),
+            result = running.serve(
+                events,
+                logger,
+                reloads,
+                Duration::from_millis(args.rescan_ms.max(10)),
+            ) => result,
+            () = control::serve(&socket, state.clone(), access, reload_requests) => Ok(()),
         }
     })?;
 
-    let state = state
-        .lock()
-        .map_err(|_| anyhow::anyhow!("daemon state lock poisoned"))?;
-    for (id, scope) in policy.scopes.iter().enumerate() {
-        log_counters(
-            &format!("scope {}", scope.name),
-            state.stats().counters(id as u32),
-        );
-    }
-    log_counters("unscoped", state.stats().counters(UNSCOPED_COUNTERS));
-    let lost = state.stats().lost_events();
-    drop(enforcer);
-    match lost {
-        Ok(lost) => log::info!("stopped; programs detached; lost events: {lost}"),
-        Err(error) => log::info!("stopped; programs detached; lost events unknown: {error}"),
+    {
+        let state = lock(&state)?;
+        for (scope, id) in running.policy.scopes.iter().zip(&running.ids) {
+            log_counters(
+                &format!("scope {}", scope.name),
+                state.stats().counters(*id),
+            );
+        }
+        log_counters("unscoped", state.stats().counters(UNSCOPED_COUNTERS));
+        let lost = state.stats().lost_events();
+        drop(running);
+        match lost {
+            Ok(lost) => log::info!("stopped; programs detached; lost events: {lost}"),
+            Err(error) => log::info!("stopped; programs detached; lost events unknown: {error}"),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The daemon's own work: signals, kernel events and log records, cgroup rescans.
-struct Loops<'a> {
-    enforcer: &'a mut Enforcer,
-    cgroups: &'a mut ScopeCgroups,
-    mount: &'a Cgroup2Mount,
-    state: &'a Mutex<LiveState>,
-    rescan: Duration,
+/// The daemon once enforcement is live. Dropping it detaches every program.
+struct Running {
+    enforcer: Enforcer,
+    cgroups: ScopeCgroups,
+    mount: Cgroup2Mount,
+    state: Arc<Mutex<LiveState>>,
+    /// The policy in force and its scope ids.
+    policy: Policy,
+    ids: Vec<u32>,
+    /// `--policy`, re-read on reload.
+    policy_arg: Option<PathBuf>,
 }
 
-impl Loops<'_> {
-    async fn run(
-        mut self,
+impl Running {
+    async fn serve(
+        &mut self,
         events: RingBuf<MapData>,
         logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+        mut reloads: mpsc::Receiver<oneshot::Sender<Result<String, String>>>,
+        rescan: Duration,
     ) -> anyhow::Result<()> {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         // SAFETY: each AsyncFd owns the object whose fd it watches, so the fd outlives the
         // registration.
         let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|error| anyhow::anyhow!("watching the event ring buffer: {error}"))?;
         let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
             .map_err(|error| anyhow::anyhow!("watching the programs' log buffer: {error}"))?;
-        let mut rescan = tokio::time::interval(self.rescan);
+        let mut rescan = tokio::time::interval(rescan);
         loop {
             tokio::select! {
                 _ = sigint.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
                 _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); return Ok(()); }
+                _ = sighup.recv() => {
+                    log::info!("SIGHUP: reloading the policy");
+                    let _ = self.reload()?;
+                }
+                Some(answer) = reloads.recv() => {
+                    log::info!("reload requested on the control socket");
+                    let outcome = self.reload()?;
+                    let _ = answer.send(outcome);
+                }
                 _ = rescan.tick() => self.sync_cgroups()?,
                 guard = events.readable_mut() => {
                     let mut guard = guard.context("waiting for events")?;
-                    self.drain_events(guard.get_inner_mut())?;
-                    guard.clear_ready();
+                    // A full batch means more may be waiting: stay ready, but let signals,
+                    // reloads and rescans have their turn first.
+                    if self.drain_events(guard.get_inner_mut())? < EVENT_BATCH {
+                        guard.clear_ready();
+                    }
                 }
                 guard = logger.readable_mut() => {
                     let mut guard = guard.context("waiting for program log records")?;
@@ -190,22 +206,90 @@ impl Loops<'_> {
         }
     }
 
+    /// Re-reads the policy. A policy with errors changes nothing: everything that can fail is
+    /// checked before the first map is written. The outer error is for failures after that
+    /// point (the kernel refusing a map update), which stop the daemon rather than leave it
+    /// half-configured unnoticed.
+    fn reload(&mut self) -> anyhow::Result<Result<String, String>> {
+        let prepared = PolicySource::choose(self.policy_arg.as_deref())
+            .and_then(|source| Ok((source.parse()?, source.name)))
+            .and_then(|(policy, name)| {
+                let running: Vec<(String, u32)> = self
+                    .policy
+                    .scopes
+                    .iter()
+                    .map(|scope| scope.name.clone())
+                    .zip(self.ids.iter().copied())
+                    .collect();
+                let ids = assign_ids(&running, &policy).map_err(anyhow::Error::msg)?;
+                let compiled = compile(&policy, self.mount.root_level, &ids)?;
+                Ok((policy, name, ids, compiled))
+            });
+        let (policy, name, ids, compiled) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                let message = format!("{error:#}");
+                log::error!("reload refused; the running policy stays in force:\n{message}");
+                lock(&self.state)?.set_reload(ReloadOutcome {
+                    at: Instant::now(),
+                    error: Some(message.clone()),
+                });
+                return Ok(Err(message));
+            }
+        };
+        warn_about_host(&policy);
+        self.enforcer
+            .apply(&compiled)
+            .context("reload: writing the new policy into the kernel maps")?;
+        self.cgroups
+            .replace(&policy, &ids, &self.mount, &mut self.enforcer)
+            .context("reload: updating scope cgroups")?;
+        self.enforcer
+            .settle()
+            .context("reload: finishing the swap")?;
+        {
+            let mut state = lock(&self.state)?;
+            state.replace_policy(name.clone(), &policy, &ids);
+            for (id, active) in self.cgroups.active() {
+                state.set_active(id, active);
+            }
+            state.set_reload(ReloadOutcome {
+                at: Instant::now(),
+                error: None,
+            });
+        }
+        log_scopes(&policy);
+        let summary = format!(
+            "reloaded policy {name}: {} mode, {} scopes",
+            policy.mode,
+            policy.scopes.len()
+        );
+        log::info!("{summary}");
+        self.policy = policy;
+        self.ids = ids;
+        Ok(Ok(summary))
+    }
+
     fn sync_cgroups(&mut self) -> anyhow::Result<()> {
         self.cgroups
-            .sync(self.mount, self.enforcer)
+            .sync(&self.mount, &mut self.enforcer)
             .context("following scope cgroups")?;
-        let mut state = lock(self.state)?;
-        for (id, active) in self.cgroups.active().enumerate() {
+        let mut state = lock(&self.state)?;
+        for (id, active) in self.cgroups.active() {
             state.set_active(id, active);
         }
         Ok(())
     }
 
-    fn drain_events(&self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
-        let mut state = lock(self.state)?;
+    /// Reads at most `EVENT_BATCH` records and returns how many it read.
+    fn drain_events(&self, ring: &mut RingBuf<MapData>) -> anyhow::Result<usize> {
+        let mut state = lock(&self.state)?;
         let (at, now) = (SystemTime::now(), Instant::now());
         let names = state.names();
-        while let Some(item) = ring.next() {
+        let mut read = 0;
+        while read < EVENT_BATCH {
+            let Some(item) = ring.next() else { break };
+            read += 1;
             let Some(event) = read_event(&item) else {
                 log::warn!(
                     "ignoring a {}-byte event record of unknown layout",
@@ -221,7 +305,34 @@ impl Loops<'_> {
             }
         }
         state.refresh_peaks(false);
-        Ok(())
+        Ok(read)
+    }
+}
+
+/// Records read per wakeup before the event loop looks at its other work.
+const EVENT_BATCH: usize = 4096;
+
+fn warn_about_host(policy: &Policy) {
+    match HostPorts::read() {
+        Ok(host) => {
+            for warning in host_warnings(policy, &host) {
+                log::warn!("{warning}");
+            }
+        }
+        Err(error) => log::warn!("cannot read the host's port settings: {error}"),
+    }
+}
+
+fn log_scopes(policy: &Policy) {
+    for scope in &policy.scopes {
+        log::info!(
+            "scope {}: cgroup {}, ephemeral {} ({} ports), {}",
+            scope.name,
+            scope.cgroup,
+            scope.ephemeral,
+            scope.ephemeral.len(),
+            scope.effective_mode(policy.mode)
+        );
     }
 }
 

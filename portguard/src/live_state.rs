@@ -5,19 +5,19 @@
 //! so the reader's cost per event stays a copy, whatever the rate.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use portguard_common::{AF_INET, Counters, Event, NO_SCOPE, OP_BIND, UNSCOPED_COUNTERS};
 use tokio::sync::broadcast;
 
 use crate::{
     event_log::{op_name, protocol_name, verdict_name},
     policy::{Mode, Policy},
-    protocol::{EventRecord, PROTOCOL_VERSION, ScopeCounters, ScopeStatus, Status},
+    protocol::{EventRecord, LastReload, PROTOCOL_VERSION, ScopeCounters, ScopeStatus, Status},
 };
 
 /// Recent events kept for `portguard events`; memory stays bounded whatever the event rate.
@@ -46,6 +46,23 @@ impl KernelStats {
     pub fn lost_events(&self) -> Result<u64, aya::maps::MapError> {
         Ok(self.lost.get(&0, 0)?.iter().sum())
     }
+
+    /// Zeroes a scope's counters, for an id given to a new scope.
+    pub fn reset(&mut self, row: u32) {
+        let zeros = aya::util::nr_cpus()
+            .map_err(|(_, error)| error.to_string())
+            .and_then(|cpus| {
+                PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| e.to_string())
+            });
+        let result = zeros.and_then(|zeros| {
+            self.counters
+                .set(row, zeros, 0)
+                .map_err(|error| error.to_string())
+        });
+        if let Err(error) = result {
+            log::warn!("cannot reset the counters of scope id {row}: {error}");
+        }
+    }
 }
 
 /// An event as received: the kernel's record and when the daemon read it.
@@ -56,6 +73,7 @@ pub struct Received {
 }
 
 struct ScopeLive {
+    id: u32,
     name: String,
     cgroup: String,
     mode: Mode,
@@ -66,7 +84,14 @@ struct ScopeLive {
 }
 
 /// Scope names by id, shared with followers so they can decode events on their own.
-pub type ScopeNames = Arc<Vec<String>>;
+pub type ScopeNames = Arc<HashMap<u32, String>>;
+
+/// How the last reload went, for `status`.
+#[derive(Clone, Debug)]
+pub struct ReloadOutcome {
+    pub at: Instant,
+    pub error: Option<String>,
+}
 
 pub struct LiveState {
     started: Instant,
@@ -78,33 +103,57 @@ pub struct LiveState {
     history: VecDeque<Received>,
     followers: broadcast::Sender<Received>,
     peaks_refreshed: Instant,
+    last_reload: Option<ReloadOutcome>,
 }
 
 impl LiveState {
-    pub fn new(policy_name: String, policy: &Policy, stats: KernelStats) -> Self {
-        Self {
+    pub fn new(policy_name: String, policy: &Policy, ids: &[u32], stats: KernelStats) -> Self {
+        let mut state = Self {
             started: Instant::now(),
-            policy_name,
+            policy_name: String::new(),
             mode: policy.mode,
-            scopes: policy
-                .scopes
-                .iter()
-                .map(|scope| ScopeLive {
-                    name: scope.name.clone(),
-                    cgroup: scope.cgroup.clone(),
-                    mode: scope.effective_mode(policy.mode),
-                    range: [scope.ephemeral.lo, scope.ephemeral.hi],
-                    active: false,
-                    peak: 0,
-                    last_event: None,
-                })
-                .collect(),
-            names: Arc::new(policy.scopes.iter().map(|s| s.name.clone()).collect()),
+            scopes: vec![],
+            names: Arc::default(),
             stats,
             history: VecDeque::with_capacity(HISTORY),
             followers: broadcast::channel(FOLLOWER_BACKLOG).0,
             peaks_refreshed: Instant::now(),
+            last_reload: None,
+        };
+        state.replace_policy(policy_name, policy, ids);
+        state
+    }
+
+    /// Switches to a new policy: scopes kept by name keep their peak and last event; scopes with
+    /// a new id start from zeroed counters.
+    pub fn replace_policy(&mut self, policy_name: String, policy: &Policy, ids: &[u32]) {
+        let old = std::mem::take(&mut self.scopes);
+        for (scope, &id) in policy.scopes.iter().zip(ids) {
+            let kept = old.iter().find(|o| o.id == id);
+            if kept.is_none() {
+                self.stats.reset(id);
+            }
+            self.scopes.push(ScopeLive {
+                id,
+                name: scope.name.clone(),
+                cgroup: scope.cgroup.clone(),
+                mode: scope.effective_mode(policy.mode),
+                range: [scope.ephemeral.lo, scope.ephemeral.hi],
+                active: kept.is_some_and(|k| k.active && k.cgroup == scope.cgroup),
+                peak: kept.map_or(0, |k| k.peak),
+                last_event: kept.and_then(|k| k.last_event),
+            });
         }
+        // Old names stay known so that events already recorded still decode.
+        let mut names: HashMap<u32, String> = (*self.names).clone();
+        names.extend(self.scopes.iter().map(|s| (s.id, s.name.clone())));
+        self.names = Arc::new(names);
+        self.policy_name = policy_name;
+        self.mode = policy.mode;
+    }
+
+    pub fn set_reload(&mut self, outcome: ReloadOutcome) {
+        self.last_reload = Some(outcome);
     }
 
     pub fn has_scope(&self, name: &str) -> bool {
@@ -115,15 +164,15 @@ impl LiveState {
         self.names.clone()
     }
 
-    pub fn set_active(&mut self, scope_id: usize, active: bool) {
-        if let Some(scope) = self.scopes.get_mut(scope_id) {
+    pub fn set_active(&mut self, scope_id: u32, active: bool) {
+        if let Some(scope) = self.scopes.iter_mut().find(|s| s.id == scope_id) {
             scope.active = active;
         }
     }
 
     /// Records one kernel event received at `at` (read once per batch by the caller).
     pub fn record(&mut self, event: Event, at: SystemTime, now: Instant) {
-        if let Some(scope) = self.scopes.get_mut(event.scope_id as usize) {
+        if let Some(scope) = self.scopes.iter_mut().find(|s| s.id == event.scope_id) {
             scope.last_event = Some(now);
         }
         if self.history.len() == HISTORY {
@@ -143,8 +192,8 @@ impl LiveState {
             return;
         }
         self.peaks_refreshed = Instant::now();
-        for (id, scope) in self.scopes.iter_mut().enumerate() {
-            if let Ok(counters) = self.stats.counters(id as u32) {
+        for scope in &mut self.scopes {
+            if let Ok(counters) = self.stats.counters(scope.id) {
                 scope.peak = scope.peak.max(in_use(&counters));
             }
         }
@@ -154,8 +203,8 @@ impl LiveState {
         self.refresh_peaks(true);
         let now = Instant::now();
         let mut scopes = vec![];
-        for (id, scope) in self.scopes.iter().enumerate() {
-            let counters = self.stats.counters(id as u32)?;
+        for scope in &self.scopes {
+            let counters = self.stats.counters(scope.id)?;
             scopes.push(ScopeStatus {
                 name: scope.name.clone(),
                 cgroup: scope.cgroup.clone(),
@@ -188,6 +237,11 @@ impl LiveState {
                 denied: unscoped.denied,
                 audit_would_deny: unscoped.audit_would_deny,
             },
+            last_reload: self.last_reload.as_ref().map(|reload| LastReload {
+                ok: reload.error.is_none(),
+                age_s: now.duration_since(reload.at).as_secs_f64(),
+                error: reload.error.clone(),
+            }),
         })
     }
 
@@ -218,7 +272,7 @@ fn in_use(counters: &Counters) -> u64 {
 }
 
 /// The event in the protocol's terms; `names` maps scope ids to names.
-pub fn decode(received: &Received, names: &[String]) -> EventRecord {
+pub fn decode(received: &Received, names: &HashMap<u32, String>) -> EventRecord {
     let event = &received.event;
     let comm_len = event
         .comm
@@ -241,7 +295,7 @@ pub fn decode(received: &Received, names: &[String]) -> EventRecord {
         comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
         cgroup_id: event.cgroup_id,
         scope_id,
-        scope: scope_id.and_then(|id| names.get(id as usize).cloned()),
+        scope: scope_id.and_then(|id| names.get(&id).cloned()),
         family: if event.family == AF_INET {
             "ipv4"
         } else {

@@ -49,6 +49,8 @@ pub struct Enforcer {
     ebpf: Ebpf,
     /// Port ranges written into `PORT_OWNER`, to clear when a policy replaces them.
     owned_ranges: Vec<(u16, u16)>,
+    /// The config of the policy in force.
+    config: Option<Config>,
 }
 
 impl Enforcer {
@@ -72,16 +74,18 @@ impl Enforcer {
         Ok(Self {
             ebpf,
             owned_ranges: vec![],
+            config: None,
         })
     }
 
-    /// Writes a policy into the maps. Scope cgroups are added separately, as they appear.
+    /// Writes a policy into the maps, replacing the one in force without a gap: rules and port
+    /// owners of the new policy are written before anything of the old one is removed, and the
+    /// cgroup walk covers the levels of both until [`Enforcer::settle`]. Scope cgroups are
+    /// updated separately (by the caller, between the two calls).
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<(), LoadError> {
         let mut rules: Array<_, ScopeRule> = self.map_mut(MAP_RULES)?;
-        for (id, rule) in policy.rules.iter().enumerate() {
-            rules
-                .set(id as u32, rule, 0)
-                .map_err(map_error(MAP_RULES))?;
+        for (id, rule) in &policy.rules {
+            rules.set(*id, rule, 0).map_err(map_error(MAP_RULES))?;
         }
         let mut allow: Array<_, PortBitmap> = self.map_mut(MAP_BIND_ALLOW)?;
         for (id, bitmap) in &policy.bind_allow {
@@ -91,17 +95,23 @@ impl Enforcer {
         }
         let stale = std::mem::take(&mut self.owned_ranges);
         let mut owner: Array<_, u32> = self.map_mut(MAP_PORT_OWNER)?;
-        for (lo, hi) in stale {
-            for port in lo..=hi {
-                owner
-                    .set(u32::from(port), NO_OWNER, 0)
-                    .map_err(map_error(MAP_PORT_OWNER))?;
-            }
-        }
         for (range, value) in &policy.port_owner {
             for port in range.lo..=range.hi {
                 owner
                     .set(u32::from(port), value, 0)
+                    .map_err(map_error(MAP_PORT_OWNER))?;
+            }
+        }
+        let owned_now = |port: u16| {
+            policy
+                .port_owner
+                .iter()
+                .any(|(r, _)| r.lo <= port && port <= r.hi)
+        };
+        for (lo, hi) in stale {
+            for port in (lo..=hi).filter(|&port| !owned_now(port)) {
+                owner
+                    .set(u32::from(port), NO_OWNER, 0)
                     .map_err(map_error(MAP_PORT_OWNER))?;
             }
         }
@@ -110,12 +120,30 @@ impl Enforcer {
             .iter()
             .map(|(range, _)| (range.lo, range.hi))
             .collect();
-        // Last: the walk only reaches the rules once CONFIG says scopes exist.
-        let mut config: Array<_, Config> = self.map_mut(MAP_CONFIG)?;
-        config
-            .set(0, policy.config, 0)
-            .map_err(map_error(MAP_CONFIG))?;
+        let walk = match self.config {
+            Some(running) => Config {
+                min_level: running.min_level.min(policy.config.min_level),
+                max_level: running.max_level.max(policy.config.max_level),
+                ..policy.config
+            },
+            None => policy.config,
+        };
+        self.write_config(walk)?;
+        self.config = Some(policy.config);
         Ok(())
+    }
+
+    /// Ends a swap begun by [`Enforcer::apply`]: the walk covers the new policy's levels only.
+    pub fn settle(&mut self) -> Result<(), LoadError> {
+        match self.config {
+            Some(config) => self.write_config(config),
+            None => Ok(()),
+        }
+    }
+
+    fn write_config(&mut self, config: Config) -> Result<(), LoadError> {
+        let mut map: Array<_, Config> = self.map_mut(MAP_CONFIG)?;
+        map.set(0, config, 0).map_err(map_error(MAP_CONFIG))
     }
 
     /// Puts the sockets of cgroup `cgroup_id` (and its descendants) in scope `scope_id`.

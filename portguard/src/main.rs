@@ -14,6 +14,7 @@ mod loader;
 mod policy;
 mod policy_file;
 mod protocol;
+mod reload;
 mod scope_cgroups;
 mod status;
 
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
             policy,
             nodeport_range,
         } => doctor::run(json, policy.as_deref(), nodeport_range.as_deref()),
+        Command::Reload { socket } => reload::run(&socket).map(|()| ExitCode::SUCCESS),
         Command::Status { json, socket } => status::run(&socket, json).map(|()| ExitCode::SUCCESS),
         Command::Events {
             follow,

@@ -24,6 +24,8 @@ pub struct Request {
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     Status,
+    /// Re-read the policy; answered with `reloaded` or the policy's errors.
+    Reload,
     Events {
         #[serde(default)]
         follow: bool,
@@ -45,6 +47,9 @@ pub struct Response {
     pub event: Option<EventRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end: Option<bool>,
+    /// What a successful reload applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reloaded: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -57,7 +62,14 @@ impl Response {
             status: None,
             event: None,
             end: None,
+            reloaded: None,
             error: None,
+        }
+    }
+    pub fn reloaded(summary: String) -> Self {
+        Self {
+            reloaded: Some(summary),
+            ..Self::new()
         }
     }
     pub fn status(status: Status) -> Self {
@@ -105,6 +117,16 @@ pub struct Status {
     pub policy: String,
     pub scopes: Vec<ScopeStatus>,
     pub unscoped: ScopeCounters,
+    /// The last reload (SIGHUP or `portguard reload`), if any.
+    pub last_reload: Option<LastReload>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastReload {
+    pub ok: bool,
+    pub age_s: f64,
+    /// Why the reload was refused; the previous policy stayed in force.
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

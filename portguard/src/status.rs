@@ -83,6 +83,20 @@ pub fn render(status: &Status) -> String {
         status.lost_events,
         age(status.uptime_s as f64)
     );
+    if let Some(reload) = &status.last_reload {
+        match &reload.error {
+            None => out += &format!("last reload {} ago: applied\n", age(reload.age_s)),
+            Some(error) => {
+                out += &format!(
+                    "last reload {} ago FAILED; the policy above stays in force:\n",
+                    age(reload.age_s)
+                );
+                for line in error.lines() {
+                    out += &format!("  {line}\n");
+                }
+            }
+        }
+    }
     out
 }
 
@@ -136,11 +150,20 @@ mod tests {
                 last_event_age_s: Some(75.0),
             }],
             unscoped: ScopeCounters::default(),
+            last_reload: Some(crate::protocol::LastReload {
+                ok: false,
+                age_s: 3.0,
+                error: Some("p.toml:3:1: unknown key `x` in scope".into()),
+            }),
         };
         let text = render(&status);
         assert!(text.contains("███░░░░░░░ 250/1000"), "{text}");
         assert!(text.contains("1m15s"), "{text}");
         assert!(text.contains("lost events 2 · up 1h02m"), "{text}");
+        assert!(
+            text.contains("last reload 3s ago FAILED; the policy above stays in force:\n  p.toml:3:1: unknown key `x` in scope"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -132,7 +132,7 @@ pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
     socket: PathBuf,
-    _policy: PathBuf,
+    policy: PathBuf,
 }
 
 impl Daemon {
@@ -169,8 +169,24 @@ impl Daemon {
             child: Some(child),
             log,
             socket,
-            _policy: policy_path,
+            policy: policy_path,
         }
+    }
+
+    /// Replaces the daemon's policy file (the daemon reads it on reload).
+    pub fn write_policy(&self, text: &str) {
+        fs::write(&self.policy, text).expect("write policy");
+    }
+
+    pub fn policy_path(&self) -> &Path {
+        &self.policy
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, signal) };
     }
 
     /// The daemon's control socket.

@@ -10,8 +10,8 @@ use super::{Mode, Policy, PortRange};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompiledPolicy {
     pub config: Config,
-    /// Indexed by scope id, which is the scope's position in the policy.
-    pub rules: Vec<ScopeRule>,
+    /// Each scope's id (see `assign_ids`) and rule, in policy order.
+    pub rules: Vec<(u32, ScopeRule)>,
     /// Scope id and allow list of each scope with a `bind` key.
     pub bind_allow: Vec<(u32, Box<PortBitmap>)>,
     /// Each scope's range with the value `PORT_OWNER` holds for its ports (scope id + 1).
@@ -33,8 +33,13 @@ pub enum CompileError {
 }
 
 /// `root_level` is the cgroup level of the cgroup2 mount's root (0 unless the daemon runs in a
-/// cgroup namespace); scope paths are relative to it.
-pub fn compile(policy: &Policy, root_level: u32) -> Result<CompiledPolicy, CompileError> {
+/// cgroup namespace); scope paths are relative to it. `ids` holds each scope's id, in policy
+/// order.
+pub fn compile(
+    policy: &Policy,
+    root_level: u32,
+    ids: &[u32],
+) -> Result<CompiledPolicy, CompileError> {
     if policy.scopes.len() > MAX_SCOPES as usize {
         return Err(CompileError::TooManyScopes(policy.scopes.len()));
     }
@@ -47,8 +52,7 @@ pub fn compile(policy: &Policy, root_level: u32) -> Result<CompiledPolicy, Compi
     let mut rules = vec![];
     let mut bind_allow = vec![];
     let mut port_owner = vec![];
-    for (id, scope) in policy.scopes.iter().enumerate() {
-        let id = id as u32;
+    for (index, (scope, &id)) in policy.scopes.iter().zip(ids).enumerate() {
         let level = root_level + scope.cgroup.split('/').count() as u32;
         if level >= MAX_CGROUP_LEVEL {
             return Err(CompileError::TooDeep {
@@ -57,7 +61,7 @@ pub fn compile(policy: &Policy, root_level: u32) -> Result<CompiledPolicy, Compi
                 level,
             });
         }
-        if id == 0 {
+        if index == 0 {
             config.min_level = level;
             config.max_level = level;
         } else {
@@ -81,11 +85,14 @@ pub fn compile(policy: &Policy, root_level: u32) -> Result<CompiledPolicy, Compi
             }
             bind_allow.push((id, bitmap));
         }
-        rules.push(ScopeRule {
-            range_lo: scope.ephemeral.lo,
-            range_hi: scope.ephemeral.hi,
-            flags,
-        });
+        rules.push((
+            id,
+            ScopeRule {
+                range_lo: scope.ephemeral.lo,
+                range_hi: scope.ephemeral.hi,
+                flags,
+            },
+        ));
         port_owner.push((scope.ephemeral, id + 1));
     }
     Ok(CompiledPolicy {
@@ -119,23 +126,29 @@ mode = "audit"
 "#,
         )
         .expect("valid");
-        let compiled = compile(&policy, 0).expect("compiles");
+        let compiled = compile(&policy, 0, &[0, 1]).expect("compiles");
         assert_eq!(compiled.config.min_level, 2);
         assert_eq!(compiled.config.max_level, 3);
         assert_eq!(compiled.config.flags, 0);
         assert_eq!(
             compiled.rules,
             [
-                ScopeRule {
-                    range_lo: 40000,
-                    range_hi: 40999,
-                    flags: RULE_BIND_LIST | RULE_STRICT
-                },
-                ScopeRule {
-                    range_lo: 41000,
-                    range_hi: 41009,
-                    flags: RULE_AUDIT
-                },
+                (
+                    0,
+                    ScopeRule {
+                        range_lo: 40000,
+                        range_hi: 40999,
+                        flags: RULE_BIND_LIST | RULE_STRICT
+                    }
+                ),
+                (
+                    1,
+                    ScopeRule {
+                        range_lo: 41000,
+                        range_hi: 41009,
+                        flags: RULE_AUDIT
+                    }
+                ),
             ]
         );
         assert_eq!(compiled.bind_allow.len(), 1);
@@ -146,8 +159,12 @@ mode = "audit"
 
     #[test]
     fn no_scopes_means_an_empty_walk_and_observe_sets_the_flag() {
-        let compiled =
-            compile(&parse(crate::policy::EMBEDDED_DEFAULT).expect("valid"), 0).expect("compiles");
+        let compiled = compile(
+            &parse(crate::policy::EMBEDDED_DEFAULT).expect("valid"),
+            0,
+            &[],
+        )
+        .expect("compiles");
         assert!(compiled.config.min_level > compiled.config.max_level);
         assert_eq!(compiled.config.flags, CONFIG_OBSERVE);
     }

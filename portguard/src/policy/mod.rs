@@ -5,6 +5,7 @@ mod compile;
 mod host;
 mod parse;
 mod range;
+mod scope_ids;
 
 use std::fmt;
 
@@ -12,6 +13,7 @@ pub use compile::{CompiledPolicy, compile};
 pub use host::{HostPorts, host_warnings};
 pub use parse::parse;
 pub use range::PortRange;
+pub use scope_ids::assign_ids;
 
 /// The policy a daemon starts with when no file is given and /etc/portguard/policy.toml is absent:
 /// watch every socket under the attach point, change nothing.

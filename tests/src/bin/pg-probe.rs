@@ -13,6 +13,8 @@
 //!                              (each runs the bind hook, then fails EINVAL): one event per call
 //!   rebind-paced tcp|udp PORT N RATE
 //!                              the same at RATE calls per second at most
+//!   bind0-loop tcp|udp N LO HI bind(0) N new sockets (each closed at once); report how many
+//!                              got a port outside LO-HI and how many failed
 //!   hold FILE                  print {"op":"hold"} and wait (30 s at most) until FILE exists
 //! Each result: {"op":..,"proto":..,"port":local port or 0,"errno":0 or the errno,"count":..}
 
@@ -144,6 +146,27 @@ fn main() {
                     std::process::id()
                 );
                 kept.push(Some(fd));
+            }
+            "bind0-loop" => {
+                let proto = next();
+                let times: usize = next().parse().expect("count");
+                let lo: u16 = next().parse().expect("lo");
+                let hi: u16 = next().parse().expect("hi");
+                let (mut outside, mut failures) = (0, 0);
+                for _ in 0..times {
+                    let fd = socket(proto);
+                    match bind(fd, 0) {
+                        Ok(()) if !(lo..=hi).contains(&local_port(fd)) => outside += 1,
+                        Ok(()) => {}
+                        Err(_) => failures += 1,
+                    }
+                    // SAFETY: closing our own fd.
+                    unsafe { libc::close(fd) };
+                }
+                println!(
+                    "{{\"op\":\"bind0-loop\",\"proto\":\"{proto}\",\"port\":0,\"errno\":0,\"outside\":{outside},\"failures\":{failures},\"pid\":{}}}",
+                    std::process::id()
+                );
             }
             "hold" => {
                 let file = next();
