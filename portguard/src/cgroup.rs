@@ -44,11 +44,6 @@ impl Cgroup2Mount {
             })
         })
     }
-
-    /// The directory of cgroup `relative` (a scope's `cgroup` value).
-    pub fn dir(&self, relative: &str) -> PathBuf {
-        self.path.join(relative)
-    }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as \ooo.

@@ -46,9 +46,9 @@ pub fn summary(name: &str, policy: &Policy) -> String {
                 .join(","),
         };
         out += &format!(
-            "  {}: cgroup {}, ephemeral {} ({} ports), explicit binds: {}, {}{}\n",
+            "  {}: {}, ephemeral {} ({} ports), explicit binds: {}, {}{}\n",
             scope.name,
-            scope.cgroup,
+            scope.selector,
             scope.ephemeral,
             scope.ephemeral.len(),
             bind,

@@ -96,9 +96,11 @@ pub struct DaemonArgs {
     /// the page size.
     #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024, value_parser = parse_ring_size)]
     pub events_buffer: u32,
-    /// How often to look for scope cgroups that appeared or went away, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
-    pub rescan_ms: u64,
+    /// How often to walk the whole cgroup tree as a safety net, in seconds. Cgroups that appear
+    /// or go away are followed at once through inotify; the walk only repairs what a lost
+    /// notification could have missed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub resync_s: u64,
     /// Control socket for `status` and `events`: created mode 0600 (0660 with --socket-group),
     /// owned by root.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]

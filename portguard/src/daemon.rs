@@ -19,6 +19,7 @@ use tokio::{
 
 use crate::{
     cgroup::{Cgroup2Mount, is_cgroup2_dir},
+    cgroup_watch::{CgroupWatch, Change},
     cli::DaemonArgs,
     control::{self, Access},
     event_log,
@@ -57,17 +58,25 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let ids = assign_ids(&[], &policy).map_err(anyhow::Error::msg)?;
-    let compiled = compile(&policy, mount.root_level, &ids)?;
+    let compiled = compile(&policy, &ids)?;
 
     let mut enforcer = Enforcer::load(args.events_buffer).context("loading the eBPF programs")?;
     enforcer
         .apply(&compiled)
         .context("writing the policy into the kernel maps")?;
-    let mut cgroups = ScopeCgroups::new(&policy, &ids);
+    // Watch before the first walk, so that nothing created in between is missed.
+    let watch = CgroupWatch::new(&attach_at)
+        .with_context(|| format!("watching cgroups below {}", attach_at.display()))?;
+    log::info!(
+        "following {} cgroups below {} with inotify",
+        watch.watched(),
+        attach_at.display()
+    );
+    let mut cgroups = ScopeCgroups::new(&policy, &ids, mount, attach_at.clone());
     cgroups
-        .sync(&mount, &mut enforcer)
+        .sync(&mut enforcer)
         .context("resolving scope cgroups")?;
-    cgroups.log_missing(&mount);
+    cgroups.log_idle();
     log_scopes(&policy);
     let events = enforcer.take_events()?;
     let logger = enforcer
@@ -84,10 +93,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    running_state_held(&state, &cgroups)?;
     let mut running = Running {
         enforcer,
         cgroups,
-        mount,
         state: state.clone(),
         policy,
         ids,
@@ -118,8 +127,9 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             result = running.serve(
                 events,
                 logger,
+                watch,
                 reloads,
-                Duration::from_millis(args.rescan_ms.max(10)),
+                Duration::from_secs(args.resync_s.max(1)),
             ) => result,
             () = control::serve(&socket, state.clone(), access, reload_requests) => Ok(()),
         }
@@ -148,7 +158,6 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
 struct Running {
     enforcer: Enforcer,
     cgroups: ScopeCgroups,
-    mount: Cgroup2Mount,
     state: Arc<Mutex<LiveState>>,
     /// The policy in force and its scope ids.
     policy: Policy,
@@ -162,8 +171,9 @@ impl Running {
         &mut self,
         events: RingBuf<MapData>,
         logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+        watch: CgroupWatch,
         mut reloads: mpsc::Receiver<oneshot::Sender<Result<String, String>>>,
-        rescan: Duration,
+        resync: Duration,
     ) -> anyhow::Result<()> {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -174,7 +184,9 @@ impl Running {
             .map_err(|error| anyhow::anyhow!("watching the event ring buffer: {error}"))?;
         let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
             .map_err(|error| anyhow::anyhow!("watching the programs' log buffer: {error}"))?;
-        let mut rescan = tokio::time::interval(rescan);
+        let mut watch = unsafe { AsyncFd::register_with_interest(watch, Interest::READABLE) }
+            .map_err(|error| anyhow::anyhow!("watching cgroups: {error}"))?;
+        let mut resync = tokio::time::interval(resync);
         loop {
             tokio::select! {
                 _ = sigint.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
@@ -188,11 +200,19 @@ impl Running {
                     let outcome = self.reload()?;
                     let _ = answer.send(outcome);
                 }
-                _ = rescan.tick() => self.sync_cgroups()?,
+                _ = resync.tick() => {
+                    self.cgroups.sync(&mut self.enforcer).context("walking the cgroup tree")?;
+                    running_state_held(&self.state, &self.cgroups)?;
+                }
+                guard = watch.readable_mut() => {
+                    let mut guard = guard.context("waiting for cgroup changes")?;
+                    self.follow_cgroups(guard.get_inner_mut())?;
+                    guard.clear_ready();
+                }
                 guard = events.readable_mut() => {
                     let mut guard = guard.context("waiting for events")?;
                     // A full batch means more may be waiting: stay ready, but let signals,
-                    // reloads and rescans have their turn first.
+                    // reloads and cgroup changes have their turn first.
                     if self.drain_events(guard.get_inner_mut())? < EVENT_BATCH {
                         guard.clear_ready();
                     }
@@ -222,7 +242,7 @@ impl Running {
                     .zip(self.ids.iter().copied())
                     .collect();
                 let ids = assign_ids(&running, &policy).map_err(anyhow::Error::msg)?;
-                let compiled = compile(&policy, self.mount.root_level, &ids)?;
+                let compiled = compile(&policy, &ids)?;
                 Ok((policy, name, ids, compiled))
             });
         let (policy, name, ids, compiled) = match prepared {
@@ -242,16 +262,13 @@ impl Running {
             .apply(&compiled)
             .context("reload: writing the new policy into the kernel maps")?;
         self.cgroups
-            .replace(&policy, &ids, &self.mount, &mut self.enforcer)
+            .replace(&policy, &ids, &mut self.enforcer)
             .context("reload: updating scope cgroups")?;
-        self.enforcer
-            .settle()
-            .context("reload: finishing the swap")?;
         {
             let mut state = lock(&self.state)?;
             state.replace_policy(name.clone(), &policy, &ids);
-            for (id, active) in self.cgroups.active() {
-                state.set_active(id, active);
+            for (id, held) in self.cgroups.held() {
+                state.set_held(id, held);
             }
             state.set_reload(ReloadOutcome {
                 at: Instant::now(),
@@ -270,15 +287,23 @@ impl Running {
         Ok(Ok(summary))
     }
 
-    fn sync_cgroups(&mut self) -> anyhow::Result<()> {
-        self.cgroups
-            .sync(&self.mount, &mut self.enforcer)
-            .context("following scope cgroups")?;
-        let mut state = lock(&self.state)?;
-        for (id, active) in self.cgroups.active() {
-            state.set_active(id, active);
+    /// Applies what the watcher saw: new cgroups are enforced at once.
+    fn follow_cgroups(&mut self, watch: &mut CgroupWatch) -> anyhow::Result<()> {
+        let changes = watch.changes().context("reading cgroup changes")?;
+        for change in changes {
+            match change {
+                Change::Created(dir) => self.cgroups.created(&dir, &mut self.enforcer)?,
+                Change::Removed(dir) => self.cgroups.removed(&dir, &mut self.enforcer)?,
+                Change::Overflow => {
+                    log::warn!("cgroup notifications overflowed; walking the whole tree");
+                    watch
+                        .rewatch(self.cgroups.attach_at())
+                        .context("watching cgroups again")?;
+                    self.cgroups.sync(&mut self.enforcer)?;
+                }
+            }
         }
-        Ok(())
+        running_state_held(&self.state, &self.cgroups)
     }
 
     /// Reads at most `EVENT_BATCH` records and returns how many it read.
@@ -312,6 +337,15 @@ impl Running {
 /// Records read per wakeup before the event loop looks at its other work.
 const EVENT_BATCH: usize = 4096;
 
+/// Tells the live state which cgroups each scope holds.
+fn running_state_held(state: &Mutex<LiveState>, cgroups: &ScopeCgroups) -> anyhow::Result<()> {
+    let mut state = lock(state)?;
+    for (id, held) in cgroups.held() {
+        state.set_held(id, held);
+    }
+    Ok(())
+}
+
 fn warn_about_host(policy: &Policy) {
     match HostPorts::read() {
         Ok(host) => {
@@ -326,9 +360,9 @@ fn warn_about_host(policy: &Policy) {
 fn log_scopes(policy: &Policy) {
     for scope in &policy.scopes {
         log::info!(
-            "scope {}: cgroup {}, ephemeral {} ({} ports), {}",
+            "scope {}: {}, ephemeral {} ({} ports), {}",
             scope.name,
-            scope.cgroup,
+            scope.selector,
             scope.ephemeral,
             scope.ephemeral.len(),
             scope.effective_mode(policy.mode)

@@ -78,7 +78,8 @@ struct ScopeLive {
     cgroup: String,
     mode: Mode,
     range: [u16; 2],
-    active: bool,
+    /// The cgroups the scope holds now.
+    held: Vec<String>,
     peak: u64,
     last_event: Option<Instant>,
 }
@@ -136,10 +137,10 @@ impl LiveState {
             self.scopes.push(ScopeLive {
                 id,
                 name: scope.name.clone(),
-                cgroup: scope.cgroup.clone(),
+                cgroup: scope.selector.label(),
                 mode: scope.effective_mode(policy.mode),
                 range: [scope.ephemeral.lo, scope.ephemeral.hi],
-                active: kept.is_some_and(|k| k.active && k.cgroup == scope.cgroup),
+                held: kept.map_or_else(Vec::new, |k| k.held.clone()),
                 peak: kept.map_or(0, |k| k.peak),
                 last_event: kept.and_then(|k| k.last_event),
             });
@@ -164,9 +165,9 @@ impl LiveState {
         self.names.clone()
     }
 
-    pub fn set_active(&mut self, scope_id: u32, active: bool) {
+    pub fn set_held(&mut self, scope_id: u32, cgroups: Vec<String>) {
         if let Some(scope) = self.scopes.iter_mut().find(|s| s.id == scope_id) {
-            scope.active = active;
+            scope.held = cgroups;
         }
     }
 
@@ -208,7 +209,8 @@ impl LiveState {
             scopes.push(ScopeStatus {
                 name: scope.name.clone(),
                 cgroup: scope.cgroup.clone(),
-                active: scope.active,
+                active: !scope.held.is_empty(),
+                cgroups: scope.held.clone(),
                 mode: scope.mode.to_string(),
                 range: scope.range,
                 size: u32::from(scope.range[1]) - u32::from(scope.range[0]) + 1,

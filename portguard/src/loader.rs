@@ -49,8 +49,10 @@ pub struct Enforcer {
     ebpf: Ebpf,
     /// Port ranges written into `PORT_OWNER`, to clear when a policy replaces them.
     owned_ranges: Vec<(u16, u16)>,
-    /// The config of the policy in force.
-    config: Option<Config>,
+    /// `CONFIG_*` flags of the policy in force.
+    flags: u32,
+    /// Levels of the shallowest and deepest scoped cgroup, if any.
+    walk: Option<(u32, u32)>,
 }
 
 impl Enforcer {
@@ -74,14 +76,14 @@ impl Enforcer {
         Ok(Self {
             ebpf,
             owned_ranges: vec![],
-            config: None,
+            flags: 0,
+            walk: None,
         })
     }
 
     /// Writes a policy into the maps, replacing the one in force without a gap: rules and port
-    /// owners of the new policy are written before anything of the old one is removed, and the
-    /// cgroup walk covers the levels of both until [`Enforcer::settle`]. Scope cgroups are
-    /// updated separately (by the caller, between the two calls).
+    /// owners of the new policy are written before anything of the old one is removed. Scope
+    /// cgroups and the levels the programs walk are updated separately, as cgroups are mapped.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<(), LoadError> {
         let mut rules: Array<_, ScopeRule> = self.map_mut(MAP_RULES)?;
         for (id, rule) in &policy.rules {
@@ -120,28 +122,30 @@ impl Enforcer {
             .iter()
             .map(|(range, _)| (range.lo, range.hi))
             .collect();
-        let walk = match self.config {
-            Some(running) => Config {
-                min_level: running.min_level.min(policy.config.min_level),
-                max_level: running.max_level.max(policy.config.max_level),
-                ..policy.config
-            },
-            None => policy.config,
-        };
-        self.write_config(walk)?;
-        self.config = Some(policy.config);
+        self.flags = policy.config.flags;
+        self.write_config()
+    }
+
+    /// Sets the cgroup levels the programs walk: those of the shallowest and deepest cgroup
+    /// mapped to a scope, or none.
+    pub fn set_walk(&mut self, levels: Option<(u32, u32)>) -> Result<(), LoadError> {
+        if self.walk != levels {
+            self.walk = levels;
+            self.write_config()?;
+        }
         Ok(())
     }
 
-    /// Ends a swap begun by [`Enforcer::apply`]: the walk covers the new policy's levels only.
-    pub fn settle(&mut self) -> Result<(), LoadError> {
-        match self.config {
-            Some(config) => self.write_config(config),
-            None => Ok(()),
-        }
-    }
-
-    fn write_config(&mut self, config: Config) -> Result<(), LoadError> {
+    fn write_config(&mut self) -> Result<(), LoadError> {
+        let config = match self.walk {
+            Some((min_level, max_level)) => Config {
+                min_level,
+                max_level,
+                flags: self.flags,
+                _pad: 0,
+            },
+            None => Config::no_scopes(self.flags),
+        };
         let mut map: Array<_, Config> = self.map_mut(MAP_CONFIG)?;
         map.set(0, config, 0).map_err(map_error(MAP_CONFIG))
     }

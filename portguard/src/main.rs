@@ -1,6 +1,7 @@
 //! portguard: per-cgroup ephemeral port ranges enforced by eBPF.
 
 mod cgroup;
+mod cgroup_watch;
 mod check;
 mod cli;
 mod client;

@@ -133,8 +133,10 @@ pub struct LastReload {
 pub struct ScopeStatus {
     pub name: String,
     pub cgroup: String,
-    /// Whether the scope's cgroup exists now.
+    /// Whether the scope holds any cgroup now.
     pub active: bool,
+    /// The cgroups the scope's selector matches now, relative to the cgroup2 root.
+    pub cgroups: Vec<String>,
     pub mode: String,
     pub range: [u16; 2],
     pub size: u32,

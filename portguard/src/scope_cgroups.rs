@@ -1,136 +1,279 @@
-//! Which scope cgroups exist right now. A scope may name a cgroup that does not exist yet (a
-//! service not started); it is applied when it appears and dropped when it goes.
+//! Which cgroups each scope selects right now, kept in the kernel's cgroup -> scope map.
+//!
+//! Cgroups come and go with services and containers; the watcher reports directories created
+//! and removed below the attach point, and a full walk runs at start, on reload and when the
+//! watcher lost track. Changes reach the kernel in an order that never leaves a selected cgroup
+//! unscoped: entries are added before the walk widens to them, removed before it narrows.
 
-use std::io;
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use portguard_common::MAX_CGROUP_LEVEL;
 
 use crate::{
     cgroup::{Cgroup2Mount, cgroup_id},
     loader::{Enforcer, LoadError},
-    policy::Policy,
+    policy::{Policy, Selector},
 };
 
 pub struct ScopeCgroups {
-    scopes: Vec<Tracked>,
+    mount: Cgroup2Mount,
+    /// Only cgroups here or below are seen by the programs, so only they are followed.
+    attach_at: PathBuf,
+    scopes: Vec<Selecting>,
+    /// Relative path -> the mapped cgroup.
+    mapped: BTreeMap<String, Mapped>,
 }
 
-struct Tracked {
+struct Selecting {
     name: String,
-    cgroup: String,
+    selector: Selector,
     scope_id: u32,
-    /// The kernel id of the cgroup while it exists.
-    id: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mapped {
+    cgroup_id: u64,
+    scope_id: u32,
+    level: u32,
 }
 
 impl ScopeCgroups {
-    pub fn new(policy: &Policy, ids: &[u32]) -> Self {
+    pub fn new(policy: &Policy, ids: &[u32], mount: Cgroup2Mount, attach_at: PathBuf) -> Self {
         Self {
-            scopes: tracked(policy, ids, &[]),
+            mount,
+            attach_at,
+            scopes: selecting(policy, ids),
+            mapped: BTreeMap::new(),
         }
     }
 
-    /// Each scope's id and whether its cgroup exists.
-    pub fn active(&self) -> impl Iterator<Item = (u32, bool)> + '_ {
+    pub fn attach_at(&self) -> &Path {
+        &self.attach_at
+    }
+
+    /// Each scope's id and the cgroups it holds now.
+    pub fn held(&self) -> Vec<(u32, Vec<String>)> {
         self.scopes
             .iter()
-            .map(|scope| (scope.scope_id, scope.id.is_some()))
+            .map(|scope| {
+                let paths = self
+                    .mapped
+                    .iter()
+                    .filter(|(_, m)| m.scope_id == scope.scope_id)
+                    .map(|(path, _)| path.clone())
+                    .collect();
+                (scope.scope_id, paths)
+            })
+            .collect()
     }
 
-    /// Brings the kernel's cgroup -> scope map in line with the cgroups that exist now.
-    pub fn sync(&mut self, mount: &Cgroup2Mount, enforcer: &mut Enforcer) -> Result<(), LoadError> {
-        for scope in &mut self.scopes {
-            let dir = mount.dir(&scope.cgroup);
-            let now = match cgroup_id(&dir) {
-                Ok(id) => Some(id),
-                Err(error) if error.kind() == io::ErrorKind::NotFound => None,
-                Err(error) => {
-                    log::warn!(
-                        "scope {}: cannot read cgroup {}: {error}; keeping its last state",
-                        scope.name,
-                        dir.display()
-                    );
-                    continue;
-                }
-            };
-            if now == scope.id {
-                continue;
-            }
-            if let Some(old) = scope.id.take() {
-                enforcer.remove_scope_cgroup(old)?;
-                log::info!(
-                    "scope {}: cgroup {} (id {old}) went away",
-                    scope.name,
-                    scope.cgroup
-                );
-            }
-            if let Some(id) = now {
-                enforcer.add_scope_cgroup(id, scope.scope_id)?;
-                scope.id = Some(id);
-                log::info!(
-                    "scope {}: cgroup {} resolved (id {id})",
-                    scope.name,
-                    scope.cgroup
-                );
-            }
-        }
-        Ok(())
+    /// Walks everything below the attach point and brings the kernel map in line with it.
+    pub fn sync(&mut self, enforcer: &mut Enforcer) -> Result<(), LoadError> {
+        let mut desired = BTreeMap::new();
+        self.select_below(&self.attach_at.clone(), &mut desired);
+        self.apply(desired, |_| true, enforcer)
     }
 
-    /// Switches to a new policy: cgroups of the new scopes are mapped (a scope kept by name
-    /// keeps its entry throughout), then entries that no new scope claims are removed.
+    /// A directory appeared at `dir` (absolute): map it and whatever was created inside it
+    /// before its watch was in place.
+    pub fn created(&mut self, dir: &Path, enforcer: &mut Enforcer) -> Result<(), LoadError> {
+        let mut desired = BTreeMap::new();
+        self.select_below(dir, &mut desired);
+        let prefix = self.relative(dir);
+        self.apply(desired, |path| under(path, prefix.as_deref()), enforcer)
+    }
+
+    /// The directory at `dir` (absolute) went away, with everything below it.
+    pub fn removed(&mut self, dir: &Path, enforcer: &mut Enforcer) -> Result<(), LoadError> {
+        let prefix = self.relative(dir);
+        self.apply(
+            BTreeMap::new(),
+            |path| under(path, prefix.as_deref()),
+            enforcer,
+        )
+    }
+
+    /// Switches to a new policy's selectors. A cgroup selected by both policies keeps its entry
+    /// (updated in place if its scope id changed), so it is never unscoped in between.
     pub fn replace(
         &mut self,
         policy: &Policy,
         ids: &[u32],
-        mount: &Cgroup2Mount,
         enforcer: &mut Enforcer,
     ) -> Result<(), LoadError> {
-        let new = tracked(policy, ids, &self.scopes);
-        let old = std::mem::replace(&mut self.scopes, new);
-        self.sync(mount, enforcer)?;
-        for scope in old {
-            let Some(id) = scope.id else { continue };
-            if !self.scopes.iter().any(|kept| kept.id == Some(id)) {
-                enforcer.remove_scope_cgroup(id)?;
+        self.scopes = selecting(policy, ids);
+        self.sync(enforcer)
+    }
+
+    /// Logs the scopes that select no cgroup (yet).
+    pub fn log_idle(&self) {
+        for (scope_id, paths) in self.held() {
+            if paths.is_empty() {
+                let scope = self.scopes.iter().find(|s| s.scope_id == scope_id);
+                if let Some(scope) = scope {
+                    log::info!(
+                        "scope {}: {} selects no cgroup below {} yet; it is enforced as soon as one appears",
+                        scope.name,
+                        scope.selector,
+                        self.attach_at.display()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Makes the map's entries within `in_scope` equal `desired`.
+    fn apply(
+        &mut self,
+        desired: BTreeMap<String, Mapped>,
+        in_scope: impl Fn(&str) -> bool,
+        enforcer: &mut Enforcer,
+    ) -> Result<(), LoadError> {
+        for (path, want) in &desired {
+            if self.mapped.get(path) == Some(want) {
+                continue;
+            }
+            enforcer.add_scope_cgroup(want.cgroup_id, want.scope_id)?;
+            let name = self.scope_name(want.scope_id);
+            log::info!(
+                "scope {name}: cgroup {path} (id {}) enforced",
+                want.cgroup_id
+            );
+            self.mapped.insert(path.clone(), *want);
+        }
+        enforcer.set_walk(levels(self.mapped.values()))?;
+        let stale: Vec<String> = self
+            .mapped
+            .keys()
+            .filter(|path| in_scope(path) && !desired.contains_key(*path))
+            .cloned()
+            .collect();
+        for path in stale {
+            if let Some(gone) = self.mapped.remove(&path) {
+                // Another mapped path may share the id only if it is the same cgroup (cannot
+                // happen for distinct paths), so removing the kernel entry is safe.
+                enforcer.remove_scope_cgroup(gone.cgroup_id)?;
                 log::info!(
-                    "scope {}: cgroup {} (id {id}) no longer scoped",
-                    scope.name,
-                    scope.cgroup
+                    "scope {}: cgroup {path} (id {}) no longer scoped",
+                    self.scope_name(gone.scope_id),
+                    gone.cgroup_id
                 );
             }
         }
-        Ok(())
+        enforcer.set_walk(levels(self.mapped.values()))
     }
 
-    /// Logs the scopes whose cgroup does not exist (yet).
-    pub fn log_missing(&self, mount: &Cgroup2Mount) {
-        for scope in self.scopes.iter().filter(|scope| scope.id.is_none()) {
-            log::info!(
-                "scope {}: cgroup {} does not exist yet ({}); it is enforced as soon as it appears",
-                scope.name,
-                scope.cgroup,
-                mount.dir(&scope.cgroup).display()
-            );
+    /// Adds to `desired` every cgroup at or below `dir` that a scope selects.
+    fn select_below(&self, dir: &Path, desired: &mut BTreeMap<String, Mapped>) {
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            if let Some(relative) = self.relative(&dir)
+                && let Some(scope) = self.scopes.iter().find(|s| s.selector.matches(&relative))
+            {
+                let level = self.mount.root_level + relative.split('/').count() as u32;
+                match cgroup_id(&dir) {
+                    Ok(_) if level >= MAX_CGROUP_LEVEL => log::warn!(
+                        "scope {}: cgroup {relative} is {level} levels deep; at most {MAX_CGROUP_LEVEL} are followed",
+                        scope.name
+                    ),
+                    Ok(cgroup_id) => {
+                        desired.insert(
+                            relative,
+                            Mapped {
+                                cgroup_id,
+                                scope_id: scope.scope_id,
+                                level,
+                            },
+                        );
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                    Err(error) => log::warn!("cannot read cgroup {}: {error}", dir.display()),
+                }
+            }
+            match fs::read_dir(&dir) {
+                Ok(entries) => pending.extend(
+                    entries
+                        .flatten()
+                        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|entry| entry.path()),
+                ),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => log::warn!("cannot list cgroup {}: {error}", dir.display()),
+            }
         }
+    }
+
+    /// `dir` relative to the cgroup2 mount, or None for the mount itself or a path outside it.
+    fn relative(&self, dir: &Path) -> Option<String> {
+        let relative = dir.strip_prefix(&self.mount.path).ok()?.to_str()?;
+        (!relative.is_empty()).then(|| relative.to_owned())
+    }
+
+    fn scope_name(&self, scope_id: u32) -> &str {
+        self.scopes
+            .iter()
+            .find(|s| s.scope_id == scope_id)
+            .map_or("?", |s| s.name.as_str())
     }
 }
 
-/// The scopes of `policy` to track, keeping the resolved cgroup of any scope of `running` with
-/// the same name, cgroup and id (its map entry is already right).
-fn tracked(policy: &Policy, ids: &[u32], running: &[Tracked]) -> Vec<Tracked> {
+fn selecting(policy: &Policy, ids: &[u32]) -> Vec<Selecting> {
     policy
         .scopes
         .iter()
         .zip(ids)
-        .map(|(scope, &scope_id)| Tracked {
+        .map(|(scope, &scope_id)| Selecting {
             name: scope.name.clone(),
-            cgroup: scope.cgroup.clone(),
+            selector: scope.selector.clone(),
             scope_id,
-            id: running
-                .iter()
-                .find(|r| {
-                    r.name == scope.name && r.cgroup == scope.cgroup && r.scope_id == scope_id
-                })
-                .and_then(|r| r.id),
         })
         .collect()
+}
+
+/// Whether `path` is `prefix` or below it; everything is below no prefix (the mount).
+fn under(path: &str, prefix: Option<&str>) -> bool {
+    match prefix {
+        None => true,
+        Some(prefix) => {
+            path == prefix
+                || path
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        }
+    }
+}
+
+fn levels<'a>(mapped: impl Iterator<Item = &'a Mapped>) -> Option<(u32, u32)> {
+    mapped.fold(None, |acc, m| match acc {
+        None => Some((m.level, m.level)),
+        Some((lo, hi)) => Some((lo.min(m.level), hi.max(m.level))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn under_respects_component_boundaries() {
+        assert!(under("a/b", Some("a")));
+        assert!(under("a", Some("a")));
+        assert!(!under("ab/c", Some("a")));
+        assert!(under("anything", None));
+    }
+
+    #[test]
+    fn levels_span_the_mapped_cgroups() {
+        let m = |level| Mapped {
+            cgroup_id: 1,
+            scope_id: 0,
+            level,
+        };
+        assert_eq!(levels([m(3), m(1), m(2)].iter()), Some((1, 3)));
+        assert_eq!(levels([].iter()), None);
+    }
 }

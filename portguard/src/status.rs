@@ -38,10 +38,11 @@ pub fn render(status: &Status) -> String {
         "LAST EVENT",
     ]);
     for scope in &status.scopes {
-        let cgroup = if scope.active {
-            scope.cgroup.clone()
-        } else {
-            format!("{} (absent)", scope.cgroup)
+        let cgroup = match scope.cgroups.as_slice() {
+            [] => format!("{} (none yet)", scope.cgroup),
+            [only] if *only == scope.cgroup => only.clone(),
+            [only] => format!("{}: {only}", scope.cgroup),
+            many => format!("{} ({} cgroups)", scope.cgroup, many.len()),
         };
         let name = if scope.mode == "enforce" {
             scope.name.clone()
@@ -136,6 +137,7 @@ mod tests {
                 name: "web".into(),
                 cgroup: "system.slice/web.service".into(),
                 active: true,
+                cgroups: vec!["system.slice/web.service".into()],
                 mode: "enforce".into(),
                 range: [40000, 40999],
                 size: 1000,

@@ -156,7 +156,6 @@ impl Daemon {
             .arg(&policy_path)
             .arg("--cgroup")
             .arg(&cgroup.root)
-            .args(["--rescan-ms", "50"])
             .arg("--socket")
             .arg(&socket)
             .args(extra)

@@ -1,8 +1,8 @@
 //! From a validated policy to what the kernel maps must hold.
 
 use portguard_common::{
-    CONFIG_OBSERVE, Config, MAX_CGROUP_LEVEL, MAX_SCOPES, PortBitmap, RULE_AUDIT, RULE_BIND_LIST,
-    RULE_STRICT, ScopeRule,
+    CONFIG_OBSERVE, Config, MAX_SCOPES, PortBitmap, RULE_AUDIT, RULE_BIND_LIST, RULE_STRICT,
+    ScopeRule,
 };
 
 use super::{Mode, Policy, PortRange};
@@ -22,24 +22,11 @@ pub struct CompiledPolicy {
 pub enum CompileError {
     #[error("the policy has {0} scopes; at most {MAX_SCOPES} are supported")]
     TooManyScopes(usize),
-    #[error(
-        "scope `{name}`: cgroup `{cgroup}` is {level} levels deep; at most {MAX_CGROUP_LEVEL} are supported"
-    )]
-    TooDeep {
-        name: String,
-        cgroup: String,
-        level: u32,
-    },
 }
 
-/// `root_level` is the cgroup level of the cgroup2 mount's root (0 unless the daemon runs in a
-/// cgroup namespace); scope paths are relative to it. `ids` holds each scope's id, in policy
-/// order.
-pub fn compile(
-    policy: &Policy,
-    root_level: u32,
-    ids: &[u32],
-) -> Result<CompiledPolicy, CompileError> {
+/// `ids` holds each scope's id, in policy order. The cgroup levels the programs walk depend on
+/// which cgroups the selectors match, so they are set as cgroups are resolved, not here.
+pub fn compile(policy: &Policy, ids: &[u32]) -> Result<CompiledPolicy, CompileError> {
     if policy.scopes.len() > MAX_SCOPES as usize {
         return Err(CompileError::TooManyScopes(policy.scopes.len()));
     }
@@ -48,26 +35,11 @@ pub fn compile(
     } else {
         0
     };
-    let mut config = Config::no_scopes(observe);
+    let config = Config::no_scopes(observe);
     let mut rules = vec![];
     let mut bind_allow = vec![];
     let mut port_owner = vec![];
-    for (index, (scope, &id)) in policy.scopes.iter().zip(ids).enumerate() {
-        let level = root_level + scope.cgroup.split('/').count() as u32;
-        if level >= MAX_CGROUP_LEVEL {
-            return Err(CompileError::TooDeep {
-                name: scope.name.clone(),
-                cgroup: scope.cgroup.clone(),
-                level,
-            });
-        }
-        if index == 0 {
-            config.min_level = level;
-            config.max_level = level;
-        } else {
-            config.min_level = config.min_level.min(level);
-            config.max_level = config.max_level.max(level);
-        }
+    for (scope, &id) in policy.scopes.iter().zip(ids) {
         let mut flags = 0;
         if scope.effective_mode(policy.mode) == Mode::Audit {
             flags |= RULE_AUDIT;
@@ -126,9 +98,7 @@ mode = "audit"
 "#,
         )
         .expect("valid");
-        let compiled = compile(&policy, 0, &[0, 1]).expect("compiles");
-        assert_eq!(compiled.config.min_level, 2);
-        assert_eq!(compiled.config.max_level, 3);
+        let compiled = compile(&policy, &[0, 1]).expect("compiles");
         assert_eq!(compiled.config.flags, 0);
         assert_eq!(
             compiled.rules,
@@ -159,12 +129,8 @@ mode = "audit"
 
     #[test]
     fn no_scopes_means_an_empty_walk_and_observe_sets_the_flag() {
-        let compiled = compile(
-            &parse(crate::policy::EMBEDDED_DEFAULT).expect("valid"),
-            0,
-            &[],
-        )
-        .expect("compiles");
+        let compiled = compile(&parse(crate::policy::EMBEDDED_DEFAULT).expect("valid"), &[])
+            .expect("compiles");
         assert!(compiled.config.min_level > compiled.config.max_level);
         assert_eq!(compiled.config.flags, CONFIG_OBSERVE);
     }

@@ -6,6 +6,7 @@ mod host;
 mod parse;
 mod range;
 mod scope_ids;
+mod selector;
 
 use std::fmt;
 
@@ -14,6 +15,7 @@ pub use host::{HostPorts, host_warnings};
 pub use parse::parse;
 pub use range::PortRange;
 pub use scope_ids::assign_ids;
+pub use selector::Selector;
 
 /// The policy a daemon starts with when no file is given and /etc/portguard/policy.toml is absent:
 /// watch every socket under the attach point, change nothing.
@@ -50,8 +52,8 @@ pub struct Policy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scope {
     pub name: String,
-    /// Path relative to the cgroup2 root, without leading or trailing '/'.
-    pub cgroup: String,
+    /// Which cgroups the scope holds.
+    pub selector: Selector,
     pub ephemeral: PortRange,
     /// `None`: explicit binds may use any port outside other scopes' ranges.
     pub bind: Option<Vec<PortRange>>,

@@ -10,10 +10,20 @@ use toml::{
     de::{DeTable, DeValue},
 };
 
-use super::{Location, Mode, Policy, PolicyError, PolicyErrors, PortRange, Scope};
+use super::{Location, Mode, Policy, PolicyError, PolicyErrors, PortRange, Scope, Selector};
 
 const TOP_KEYS: [&str; 2] = ["mode", "scope"];
-const SCOPE_KEYS: [&str; 6] = ["name", "cgroup", "ephemeral", "bind", "mode", "strict"];
+const SCOPE_KEYS: [&str; 8] = [
+    "name",
+    "cgroup",
+    "unit",
+    "container",
+    "ephemeral",
+    "bind",
+    "mode",
+    "strict",
+];
+const SELECTOR_KEYS: [&str; 3] = ["cgroup", "unit", "container"];
 const MAX_NAME_LEN: usize = 64;
 
 /// Parses and validates `text`.
@@ -124,16 +134,7 @@ fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>
         }
         Some(name.to_owned())
     });
-    let cgroup = required("cgroup", errors).and_then(|value| {
-        let path = string(value, "cgroup", errors)?;
-        match normalize_cgroup(path) {
-            Ok(path) => Some(path),
-            Err(message) => {
-                errors.push(value.span(), message);
-                None
-            }
-        }
-    });
+    let selector = parse_selector(fields, span.clone(), errors);
     let ephemeral = required("ephemeral", errors).and_then(|value| {
         let text = string(value, "ephemeral", errors)?;
         range(value, text, "ephemeral", errors)
@@ -161,13 +162,55 @@ fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>
     };
     Some(Scope {
         name: name?,
-        cgroup: cgroup?,
+        selector: selector?,
         ephemeral: ephemeral?,
         bind: bind?,
         mode: mode?,
         strict: strict?,
         at,
     })
+}
+
+/// Exactly one of `cgroup`, `unit` and `container`.
+fn parse_selector(
+    fields: &DeTable<'_>,
+    span: Range<usize>,
+    errors: &mut Errors<'_>,
+) -> Option<Selector> {
+    let mut given: Vec<(&str, &Spanned<DeValue<'_>>)> = SELECTOR_KEYS
+        .iter()
+        .filter_map(|key| fields.get(*key).map(|value| (*key, value)))
+        .collect();
+    given.sort_by_key(|(_, value)| value.span().start);
+    let (key, value) = match given.as_slice() {
+        [one] => *one,
+        [] => {
+            errors.push(
+                span,
+                "scope needs one of `cgroup`, `unit` or `container`".into(),
+            );
+            return None;
+        }
+        [_, second, ..] => {
+            errors.push(
+                second.1.span(),
+                format!(
+                    "scope has more than one of `cgroup`, `unit` and `container` ({}); give exactly one",
+                    given.iter().map(|(key, _)| *key).collect::<Vec<_>>().join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    let text = string(value, key, errors)?;
+    let selector = match key {
+        "cgroup" => Selector::cgroup(text),
+        "unit" => Selector::unit(text),
+        _ => Selector::container(text),
+    };
+    selector
+        .map_err(|message| errors.push(value.span(), message))
+        .ok()
 }
 
 fn parse_bind_list(
@@ -212,7 +255,7 @@ fn parse_bind_list(
 /// Errors that need more than one scope: duplicates and overlaps.
 fn cross_check(scopes: &[Scope], errors: &mut Errors<'_>) {
     let mut names: HashMap<&str, &Scope> = HashMap::new();
-    let mut cgroups: HashMap<&str, &Scope> = HashMap::new();
+    let mut selectors: HashMap<String, &Scope> = HashMap::new();
     for scope in scopes {
         if let Some(first) = names.insert(&scope.name, scope) {
             errors.list.push(PolicyError {
@@ -223,12 +266,12 @@ fn cross_check(scopes: &[Scope], errors: &mut Errors<'_>) {
                 ),
             });
         }
-        if let Some(first) = cgroups.insert(&scope.cgroup, scope) {
+        if let Some(first) = selectors.insert(scope.selector.to_string(), scope) {
             errors.list.push(PolicyError {
                 at: scope.at,
                 message: format!(
-                    "scopes `{}` and `{}` both name cgroup `{}`",
-                    first.name, scope.name, scope.cgroup
+                    "scopes `{}` and `{}` both select {}",
+                    first.name, scope.name, scope.selector
                 ),
             });
         }
@@ -326,25 +369,6 @@ fn range(
             None
         }
     }
-}
-
-/// A cgroup path relative to the cgroup2 root: no leading '/', no '.' or '..', no empty parts.
-fn normalize_cgroup(path: &str) -> Result<String, String> {
-    let trimmed = path.trim_matches('/');
-    if trimmed.is_empty() {
-        return Err(format!(
-            "cgroup `{path}` names the cgroup2 root; a scope must name a cgroup below it"
-        ));
-    }
-    if let Some(bad) = trimmed
-        .split('/')
-        .find(|part| part.is_empty() || *part == "." || *part == ".." || part.contains('\0'))
-    {
-        return Err(format!(
-            "cgroup `{path}` has an invalid component `{bad}` (paths are relative to the cgroup2 root, without '.', '..' or '//')"
-        ));
-    }
-    Ok(trimmed.to_owned())
 }
 
 fn type_name(value: &DeValue<'_>) -> &'static str {

@@ -23,7 +23,7 @@ fn parses_a_full_scope() {
     assert_eq!(policy.mode, Mode::Enforce);
     let scope = &policy.scopes[0];
     assert_eq!(scope.name, "web");
-    assert_eq!(scope.cgroup, "system.slice/web.service");
+    assert_eq!(scope.selector.label(), "system.slice/web.service");
     assert_eq!(scope.ephemeral, PortRange::new(40000, 40999));
     assert_eq!(
         scope.bind,
@@ -61,7 +61,7 @@ fn unknown_keys_at_both_levels() {
         errors,
         [
             "1:1: unknown key `colour` in top level (expected one of: mode, scope)",
-            "6:1: unknown key `port` in scope (expected one of: name, cgroup, ephemeral, bind, mode, strict)",
+            "6:1: unknown key `port` in scope (expected one of: name, cgroup, unit, container, ephemeral, bind, mode, strict)",
         ]
     );
 }
@@ -106,7 +106,7 @@ fn missing_keys_and_wrong_types() {
     assert_eq!(
         errors,
         [
-            "1:1: scope is missing `cgroup`",
+            "1:1: scope needs one of `cgroup`, `unit` or `container`",
             "3:13: `ephemeral` must be a string, found an integer",
         ]
     );
@@ -135,7 +135,7 @@ bind = ["40990-41010"]
         errors,
         [
             "6:1: scope name `a` is used twice (first at line 2)",
-            "6:1: scopes `a` and `a` both name cgroup `x.slice`",
+            "6:1: scopes `a` and `a` both select cgroup x.slice",
             "6:1: ephemeral ranges of scopes `a` (40000-40999) and `a` (40500-41000) overlap on ports 40500-40999",
             "10:1: bind entry 40990-41010 of scope `c` lies in the ephemeral range of scope `a` (40000-40999) on ports 40990-40999",
             "10:1: bind entry 40990-41010 of scope `c` lies in the ephemeral range of scope `a` (40500-41000) on ports 40990-41000",
@@ -155,4 +155,38 @@ fn root_cgroup_is_refused() {
 #[test]
 fn non_utf8_columns_count_characters() {
     assert_eq!(Location::of("é\nab€c", 7), Location { line: 2, column: 3 });
+}
+
+#[test]
+fn selectors_are_exactly_one_of_three() {
+    let policy = parse(
+        "[[scope]]\nname = \"a\"\nunit = \"nginx.service\"\nephemeral = \"1000-1001\"\n\
+         [[scope]]\nname = \"b\"\ncontainer = \"4F1E2D3C\"\nephemeral = \"1002-1003\"\n\
+         [[scope]]\nname = \"c\"\ncgroup = \"kubepods.slice/**\"\nephemeral = \"1004-1005\"\n",
+    )
+    .expect("valid");
+    let selectors: Vec<String> = policy
+        .scopes
+        .iter()
+        .map(|s| s.selector.to_string())
+        .collect();
+    assert_eq!(
+        selectors,
+        [
+            "unit nginx.service",
+            "container 4f1e2d3c",
+            "cgroup kubepods.slice/**"
+        ]
+    );
+    let errors = errors_of(
+        "[[scope]]\nname = \"a\"\nunit = \"nginx\"\ncgroup = \"x\"\nephemeral = \"1-2\"\n\
+         [[scope]]\nname = \"b\"\ncontainer = \"abc\"\nephemeral = \"3-4\"\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "4:10: scope has more than one of `cgroup`, `unit` and `container` (unit, cgroup); give exactly one",
+            "8:13: container `abc` must be a container id or a prefix of at least 6 hex digits",
+        ]
+    );
 }
