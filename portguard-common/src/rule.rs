@@ -104,7 +104,7 @@ pub struct Counters {
     pub denied: u64,
     /// Calls refused with EADDRNOTAVAIL because no port of the range was free.
     pub exhausted: u64,
-    /// Explicit binds and bound connects that the policy allows.
+    /// Explicit binds the policy allows (and, in audit mode, calls it lets the kernel handle).
     pub allowed: u64,
     /// Calls an audit-mode scope would have refused.
     pub audit_would_deny: u64,
@@ -136,6 +136,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PortBitmap {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::SocketRecord {}
 }
 
 /// Entries of `PORT_HELD`: one per port for TCP, then one per port for UDP. A port taken for one
@@ -151,11 +152,23 @@ pub const fn held_slot(protocol: u32, port: u32) -> u32 {
     }
 }
 
-/// `SOCKETS` values: the socket's `PORT_HELD` slot in the low 17 bits, plus these bits.
-pub const SOCKET_SLOT_MASK: u32 = HELD_SLOTS - 1;
-/// The socket's port was added to `PORT_HELD`; its release takes it away again.
-pub const SOCKET_COUNTED: u32 = 1 << 20;
+/// What the programs recorded about one socket (`SOCKETS`, keyed by socket cookie), so that its
+/// release undoes exactly what was counted, for the scope it was counted in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketRecord {
+    /// The socket's `PORT_HELD` slot (see `held_slot`).
+    pub slot: u32,
+    /// The scope whose `held` counter the socket was added to.
+    pub scope_id: u16,
+    /// `SOCKET_*` bits.
+    pub flags: u16,
+}
+const _: () = assert!(size_of::<SocketRecord>() == 8);
+
+/// The socket's port was added to `PORT_HELD` and its scope's `held`; its release takes it away.
+pub const SOCKET_COUNTED: u16 = 1 << 0;
 /// The socket's port came from an explicit bind() the policy allowed.
-pub const SOCKET_EXPLICIT: u32 = 1 << 21;
+pub const SOCKET_EXPLICIT: u16 = 1 << 1;
 /// The socket's port was autobound by the kernel and has been reported once.
-pub const SOCKET_REPORTED: u32 = 1 << 22;
+pub const SOCKET_REPORTED: u16 = 1 << 2;

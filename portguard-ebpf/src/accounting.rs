@@ -1,14 +1,16 @@
-//! Keeping `PORT_HELD` true: ports taken by binds, given back by releases, and the one path
-//! where the kernel picks a port that no hook can steer (UDP sendmsg on an unbound socket).
+//! Keeping `PORT_HELD` and each scope's `held` true: ports taken by binds, given back by
+//! releases, and the one path where the kernel picks a port that no hook can steer (UDP sendmsg
+//! on an unbound socket).
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::generated::bpf_get_socket_cookie,
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
 use portguard_common::{
     IPPROTO_TCP, IPPROTO_UDP, NO_OWNER, OP_RELEASE, OP_SENDMSG, RULE_AUDIT, RULE_STRICT,
-    SOCKET_COUNTED, SOCKET_EXPLICIT, SOCKET_REPORTED, SOCKET_SLOT_MASK, VERDICT_AUTOBOUND,
+    SOCKET_COUNTED, SOCKET_EXPLICIT, SOCKET_REPORTED, SocketRecord, VERDICT_AUTOBOUND,
     VERDICT_RELEASED, held_slot,
 };
 
@@ -16,10 +18,11 @@ use crate::{
     bind::{ALLOW, DENY, ON_INTERNAL_ERROR, refuse},
     events::{Decision, emit},
     maps::SOCKETS,
-    scope::{add_port_held, count, current_scope, port_owner},
+    scope::{add_port_held, bump, count, current_scope, hold_port, port_owner},
 };
 
-/// After a successful bind() (not `bpf_bind`, which connect4 accounts for itself).
+/// After a successful bind() (not `bpf_bind`, which connect4 accounts for itself: the kernel
+/// runs neither bind hook for it).
 #[cgroup_sock(post_bind4)]
 pub fn pg_post_bind4(ctx: SockContext) -> i32 {
     try_post_bind4(&ctx).unwrap_or(ON_INTERNAL_ERROR)
@@ -36,26 +39,27 @@ fn try_post_bind4(ctx: &SockContext) -> Option<i32> {
         return Some(ALLOW);
     }
     let slot = held_slot(sock.protocol, port);
-    let owner = port_owner(port as u16);
-    let record = if owner != NO_OWNER {
-        add_port_held(slot, 1);
-        count(owner - 1, |c| c.held = c.held.wrapping_add(1));
-        slot | SOCKET_COUNTED | SOCKET_EXPLICIT
-    } else {
-        // Only strict scopes need to tell explicit binds from autobinds later.
-        let (_, scope) = current_scope()?;
-        if !scope.is_some_and(|scope| scope.rule.flags & RULE_STRICT != 0) {
-            return Some(ALLOW);
-        }
-        slot | SOCKET_EXPLICIT
-    };
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-    let _ = SOCKETS.insert(cookie, record, 0);
+    let owner = port_owner(port as u16);
+    if owner != NO_OWNER {
+        hold_port(cookie, slot, owner - 1, SOCKET_EXPLICIT);
+        return Some(ALLOW);
+    }
+    // Only strict scopes need to tell explicit binds from autobinds later.
+    let (_, scope) = current_scope()?;
+    if let Some(scope) = scope.filter(|scope| scope.rule.flags & RULE_STRICT != 0) {
+        let record = SocketRecord {
+            slot,
+            scope_id: scope.id as u16,
+            flags: SOCKET_EXPLICIT,
+        };
+        let _ = SOCKETS.insert(cookie, record, BPF_NOEXIST as u64);
+    }
     Some(ALLOW)
 }
 
-/// A socket closes: undo what was counted for it.
+/// A socket closes: undo what was counted for it, in the scope it was counted in.
 #[cgroup_sock(sock_release)]
 pub fn pg_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the kernel hands sock programs a valid socket.
@@ -70,27 +74,24 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
         return ALLOW;
     };
     let _ = SOCKETS.remove(cookie);
-    if record & SOCKET_COUNTED == 0 {
+    if record.flags & SOCKET_COUNTED == 0 {
         return ALLOW;
     }
-    let slot = record & SOCKET_SLOT_MASK;
-    add_port_held(slot, -1);
-    let port = (slot & 0xffff) as u16;
-    let owner = port_owner(port);
-    if owner != NO_OWNER {
-        count(owner - 1, |c| c.held = c.held.wrapping_sub(1));
-        emit(&Decision {
-            op: OP_RELEASE,
-            verdict: VERDICT_RELEASED,
-            scope_id: owner - 1,
-            protocol: sock.protocol as u8,
-            local_port: port,
-            remote_ip4: sock.dst_ip4,
-            remote_port: u16::from_be(sock.dst_port),
-            attempts: 0,
-            errno: 0,
-        });
-    }
+    add_port_held(record.slot, -1);
+    let scope_id = u32::from(record.scope_id);
+    // SAFETY: `c` points into a live per-CPU map value; adding the all-ones value subtracts one.
+    bump(scope_id, |c| unsafe { &raw mut (*c).held }, u64::MAX);
+    emit(&Decision {
+        op: OP_RELEASE,
+        verdict: VERDICT_RELEASED,
+        scope_id,
+        protocol: sock.protocol as u8,
+        local_port: (record.slot & 0xffff) as u16,
+        remote_ip4: sock.dst_ip4,
+        remote_port: u16::from_be(sock.dst_port),
+        attempts: 0,
+        errno: 0,
+    });
     ALLOW
 }
 
@@ -117,13 +118,17 @@ fn try_sendmsg4(ctx: &SockAddrContext) -> Option<i32> {
     let strict = scope.rule.flags & RULE_STRICT != 0 && scope.rule.flags & RULE_AUDIT == 0;
     // SAFETY: the value is copied out at once.
     match unsafe { SOCKETS.get(cookie) }.copied() {
-        Some(record) if record & SOCKET_EXPLICIT != 0 => return Some(ALLOW),
+        Some(record) if record.flags & SOCKET_EXPLICIT != 0 => return Some(ALLOW),
         Some(_) => return Some(if strict { DENY } else { ALLOW }),
         None => {}
     }
-    let slot = held_slot(IPPROTO_UDP as u32, port as u32);
-    let _ = SOCKETS.insert(cookie, slot | SOCKET_REPORTED, 0);
-    count(scope.id, |c| c.unsteered += 1);
+    let record = SocketRecord {
+        slot: held_slot(IPPROTO_UDP as u32, u32::from(port)),
+        scope_id: scope.id as u16,
+        flags: SOCKET_REPORTED,
+    };
+    let _ = SOCKETS.insert(cookie, record, BPF_NOEXIST as u64);
+    count!(scope.id, unsteered);
     let decision = Decision {
         op: OP_SENDMSG,
         verdict: VERDICT_AUTOBOUND,

@@ -101,7 +101,7 @@ fn explicit_bind(port: u16, scope: &Scope, decision: Decision) -> i32 {
             port_owner(port) == NO_OWNER
         };
     if allowed {
-        count(scope.id, |c| c.allowed += 1);
+        count!(scope.id, allowed);
         emit(&decision);
         return ALLOW;
     }
@@ -113,7 +113,7 @@ fn explicit_bind(port: u16, scope: &Scope, decision: Decision) -> i32 {
 fn steer_bind(ctx: &SockAddrContext, bind_addr: u32, scope: &Scope, decision: Decision) -> i32 {
     if scope.rule.flags & RULE_AUDIT != 0 {
         // Audit: the kernel picks as it would without portguard.
-        count(scope.id, |c| c.allowed += 1);
+        count!(scope.id, allowed);
         emit(&decision);
         return ALLOW;
     }
@@ -126,7 +126,7 @@ fn steer_bind(ctx: &SockAddrContext, bind_addr: u32, scope: &Scope, decision: De
         Found::Port { port, attempts } => {
             // SAFETY: user_port is writable in bind4; the kernel binds the rewritten port.
             unsafe { (*ctx.sock_addr).user_port = port.to_be() as u32 };
-            count(scope.id, |c| c.steered += 1);
+            count!(scope.id, steered);
             emit(&Decision {
                 verdict: VERDICT_STEERED,
                 local_port: port,
@@ -148,7 +148,7 @@ fn steer_bind(ctx: &SockAddrContext, bind_addr: u32, scope: &Scope, decision: De
 /// Rule 5: no free port fails like the kernel's own allocator, with EADDRNOTAVAIL.
 #[inline(always)]
 pub fn exhausted(scope_id: u32, decision: Decision) -> i32 {
-    count(scope_id, |c| c.exhausted += 1);
+    count!(scope_id, exhausted);
     emit(&Decision {
         verdict: VERDICT_EXHAUSTED,
         errno: EADDRNOTAVAIL,
@@ -163,7 +163,7 @@ pub fn exhausted(scope_id: u32, decision: Decision) -> i32 {
 #[inline(always)]
 pub fn refuse(row: u32, audit: bool, decision: Decision) -> i32 {
     if audit {
-        count(row, |c| c.audit_would_deny += 1);
+        count!(row, audit_would_deny);
         emit(&Decision {
             verdict: VERDICT_AUDIT_WOULD_DENY,
             errno: EPERM,
@@ -171,7 +171,7 @@ pub fn refuse(row: u32, audit: bool, decision: Decision) -> i32 {
         });
         return ALLOW;
     }
-    count(row, |c| c.denied += 1);
+    count!(row, denied);
     emit(&Decision {
         verdict: VERDICT_DENIED,
         errno: EPERM,

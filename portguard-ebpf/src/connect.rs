@@ -8,16 +8,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use portguard_common::{
-    CONFIG_OBSERVE, IPPROTO_TCP, IPPROTO_UDP, NO_SCOPE, OP_CONNECT, RULE_AUDIT, SOCKET_COUNTED,
-    VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_OBSERVED, VERDICT_STEERED, held_slot,
+    CONFIG_OBSERVE, IPPROTO_TCP, IPPROTO_UDP, NO_SCOPE, OP_CONNECT, RULE_AUDIT, VERDICT_ALLOWED,
+    VERDICT_DENIED, VERDICT_OBSERVED, VERDICT_STEERED, held_slot,
 };
 
 use crate::{
     bind::{ALLOW, DENY, ON_INTERNAL_ERROR, exhausted},
     events::{Decision, emit},
-    maps::SOCKETS,
     port_search::{Found, bind_free_port},
-    scope::{add_port_held, count, current_scope},
+    scope::{count, current_scope, hold_port},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -64,50 +63,51 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<i32> {
         ..decision
     };
     if scope.rule.flags & RULE_AUDIT != 0 {
-        count(scope.id, |c| c.allowed += 1);
+        count!(scope.id, allowed);
         emit(&decision);
         return Some(ALLOW);
     }
-    Some(match bind_free_port(ctx.sock_addr, &scope.rule, protocol) {
-        Found::Port { port, attempts } => {
-            // SAFETY: plain helper call on the program's own context.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-            let slot = held_slot(protocol, port as u32);
-            add_port_held(slot, 1);
-            count(scope.id, |c| c.held = c.held.wrapping_add(1));
-            // A full map only costs the search a wasted bind attempt later; never refuse for it.
-            let _ = SOCKETS.insert(cookie, slot | SOCKET_COUNTED, 0);
-            count(scope.id, |c| c.steered += 1);
-            emit(&Decision {
-                verdict: VERDICT_STEERED,
-                local_port: port,
-                attempts,
-                ..decision
-            });
-            ALLOW
-        }
-        Found::Exhausted { attempts } => exhausted(
-            scope.id,
-            Decision {
-                attempts,
-                ..decision
-            },
-        ),
-        Found::Error { errno, attempts } => {
-            warn!(
-                ctx,
-                "scope {}: bpf_bind failed with errno {}; connect refused", scope.id, errno
-            );
-            count(scope.id, |c| c.denied += 1);
-            emit(&Decision {
-                verdict: VERDICT_DENIED,
-                attempts,
-                errno,
-                ..decision
-            });
-            // SAFETY: plain helper call; the syscall fails with the kernel's own errno.
-            unsafe { bpf_set_retval(-errno) };
-            DENY
-        }
-    })
+    // A source address chosen beforehand (IP_BIND_ADDRESS_NO_PORT) is kept.
+    // SAFETY: `sk` is always set for sock_addr programs.
+    let local_ip4 = unsafe { (*sock_addr.__bindgen_anon_1.sk).src_ip4 };
+    Some(
+        match bind_free_port(ctx.sock_addr, &scope.rule, protocol, local_ip4) {
+            Found::Port { port, attempts } => {
+                // SAFETY: plain helper call on the program's own context.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+                hold_port(cookie, held_slot(protocol, port as u32), scope.id, 0);
+                count!(scope.id, steered);
+                emit(&Decision {
+                    verdict: VERDICT_STEERED,
+                    local_port: port,
+                    attempts,
+                    ..decision
+                });
+                ALLOW
+            }
+            Found::Exhausted { attempts } => exhausted(
+                scope.id,
+                Decision {
+                    attempts,
+                    ..decision
+                },
+            ),
+            Found::Error { errno, attempts } => {
+                warn!(
+                    ctx,
+                    "scope {}: bpf_bind failed with errno {}; connect refused", scope.id, errno
+                );
+                count!(scope.id, denied);
+                emit(&Decision {
+                    verdict: VERDICT_DENIED,
+                    attempts,
+                    errno,
+                    ..decision
+                });
+                // SAFETY: plain helper call; the syscall fails with the kernel's own errno.
+                unsafe { bpf_set_retval(-errno) };
+                DENY
+            }
+        },
+    )
 }

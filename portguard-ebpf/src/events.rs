@@ -6,7 +6,10 @@ use aya_ebpf::helpers::{
 };
 use portguard_common::{AF_INET, Event};
 
-use crate::maps::{EVENTS, LOST_EVENTS};
+use crate::{
+    maps::{EVENTS, LOST_EVENTS},
+    scope::add,
+};
 
 /// What a hook decided, in the terms of the event record.
 pub struct Decision {
@@ -26,8 +29,7 @@ pub struct Decision {
 pub fn emit(decision: &Decision) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         if let Some(lost) = LOST_EVENTS.get_ptr_mut(0) {
-            // SAFETY: per-CPU value owned by this CPU for the duration of the program.
-            unsafe { *lost += 1 };
+            add(lost, 1);
         }
         return;
     };

@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use portguard_common::{
-    Config, Counters, HELD_SLOTS, MAX_SCOPED_CGROUPS, MAX_SCOPES, PORT_COUNT, PortBitmap, ScopeRule,
+    Config, Counters, HELD_SLOTS, MAX_SCOPED_CGROUPS, MAX_SCOPES, PORT_COUNT, PortBitmap,
+    ScopeRule, SocketRecord,
 };
 
 /// Global settings (index 0), written by the daemon.
@@ -38,7 +39,7 @@ pub static PORT_HELD: Array<i32> = Array::with_max_entries(HELD_SLOTS, 0);
 /// socket cookie -> what the programs recorded about that socket, so that its release undoes
 /// exactly what was counted.
 #[map(name = "SOCKETS")]
-pub static SOCKETS: HashMap<u64, u32> = HashMap::with_max_entries(SOCKET_SLOTS, 0);
+pub static SOCKETS: HashMap<u64, SocketRecord> = HashMap::with_max_entries(SOCKET_SLOTS, 0);
 pub const SOCKET_SLOTS: u32 = 262_144;
 
 /// scope id -> decision counters; row `UNSCOPED_COUNTERS` is for sockets in no scope.

@@ -62,11 +62,17 @@ struct SockaddrIn {
     zero: [u8; 8],
 }
 
-/// Binds the connecting socket to a free port of `rule`'s range (connect4 only: `bpf_bind` is
-/// not available to other hooks).
+/// Binds the connecting socket to a free port of `rule`'s range on `addr` (network order; the
+/// wildcard unless the socket chose a source address), in connect4 only: `bpf_bind` is not
+/// available to other hooks.
 #[inline(always)]
-pub fn bind_free_port(sock_addr: *mut bpf_sock_addr, rule: &ScopeRule, protocol: u32) -> Found {
-    search(sock_addr, rule, protocol, 0, bind_candidate)
+pub fn bind_free_port(
+    sock_addr: *mut bpf_sock_addr,
+    rule: &ScopeRule,
+    protocol: u32,
+    addr: u32,
+) -> Found {
+    search(sock_addr, rule, protocol, addr, bind_candidate)
 }
 
 /// Picks a port of `rule`'s range that no socket appears to hold for `protocol` on `addr`

@@ -2,10 +2,12 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::helpers::generated::bpf_get_current_ancestor_cgroup_id;
-use portguard_common::{Config, Counters, MAX_CGROUP_LEVEL, NO_OWNER, ScopeRule};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_current_ancestor_cgroup_id};
+use portguard_common::{
+    Config, Counters, MAX_CGROUP_LEVEL, NO_OWNER, SOCKET_COUNTED, ScopeRule, SocketRecord,
+};
 
-use crate::maps::{CONFIG, COUNTERS, PORT_HELD, PORT_OWNER, RULES, SCOPE_BY_CGROUP};
+use crate::maps::{CONFIG, COUNTERS, PORT_HELD, PORT_OWNER, RULES, SCOPE_BY_CGROUP, SOCKETS};
 
 /// A scope as one hook sees it.
 pub struct Scope {
@@ -67,11 +69,44 @@ pub fn add_port_held(slot: u32, delta: i32) {
     }
 }
 
-/// Applies `update` to this CPU's counters of scope row `row`.
+/// Adds `delta` (wrapping) to the counter `field` picks in this CPU's row `row`. Programs on one
+/// CPU can preempt each other, so the add is atomic.
 #[inline(always)]
-pub fn count(row: u32, update: impl FnOnce(&mut Counters)) {
+pub fn bump(row: u32, field: impl FnOnce(*mut Counters) -> *mut u64, delta: u64) {
     if let Some(counters) = COUNTERS.get_ptr_mut(row) {
-        // SAFETY: per-CPU value, only this program on this CPU touches it now.
-        update(unsafe { &mut *counters });
+        add(field(counters), delta);
     }
+}
+
+/// `count!(row, field)`: one more of `Counters::field` for scope row `row`.
+macro_rules! count {
+    ($row:expr, $field:ident) => {
+        // SAFETY: `c` points into a live per-CPU map value.
+        $crate::scope::bump($row, |c| unsafe { &raw mut (*c).$field }, 1)
+    };
+}
+pub(crate) use count;
+
+/// Adds `delta` (wrapping) to a counter in a map value, atomically.
+#[inline(always)]
+pub fn add(counter: *mut u64, delta: u64) {
+    // SAFETY: callers pass a pointer into a live, aligned map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta) };
+}
+
+/// Records that the socket `cookie` holds the port of `slot` for scope `scope_id`, and counts
+/// it. The record is written first: a socket whose record could not be stored (a full map) is
+/// not counted either, so its release can never leave a port counted as held.
+#[inline(always)]
+pub fn hold_port(cookie: u64, slot: u32, scope_id: u32, flags: u16) {
+    let record = SocketRecord {
+        slot,
+        scope_id: scope_id as u16,
+        flags: flags | SOCKET_COUNTED,
+    };
+    if SOCKETS.insert(cookie, record, BPF_NOEXIST as u64).is_err() {
+        return;
+    }
+    add_port_held(slot, 1);
+    count!(scope_id, held);
 }

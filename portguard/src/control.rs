@@ -74,18 +74,20 @@ pub fn bind(path: &Path, access: Access) -> anyhow::Result<ControlSocket> {
             return Err(error).with_context(|| format!("cannot inspect {}", path.display()));
         }
     }
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
-    let mode = match access.group {
-        Some(gid) => {
-            std::os::unix::fs::chown(path, Some(0), Some(gid))
-                .with_context(|| format!("cannot hand {} to group {gid}", path.display()))?;
-            0o660
-        }
-        None => 0o600,
-    };
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set permissions on {}", path.display()))?;
+    // The socket is born with its final mode (no window where others may connect), and its
+    // group is set without following a symlink someone could swap in at the path.
+    let umask = if access.group.is_some() { 0o117 } else { 0o177 };
+    // SAFETY: umask has no preconditions; the previous value is restored right after.
+    let previous = unsafe { libc::umask(umask) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    let listener =
+        bound.with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    if let Some(gid) = access.group {
+        std::os::unix::fs::lchown(path, Some(0), Some(gid))
+            .with_context(|| format!("cannot hand {} to group {gid}", path.display()))?;
+    }
     listener.set_nonblocking(true)?;
     Ok(ControlSocket {
         listener: UnixListener::from_std(listener)?,
@@ -175,7 +177,9 @@ async fn client(
             }
             Command::Reload => {
                 let (answer, outcome) = oneshot::channel();
-                let response = if reloads.send(answer).await.is_err() {
+                let response = if credentials.uid() != 0 {
+                    Response::error("permission denied: only root may reload the policy")
+                } else if reloads.send(answer).await.is_err() {
                     Response::error("the daemon is stopping")
                 } else {
                     match outcome.await {
@@ -224,19 +228,14 @@ async fn events(
         match &scope {
             Some(name) if !state.has_scope(name) => None,
             // Subscribe before copying the history so nothing falls between the two.
-            _ => Some((
-                state.recent(scope.as_deref(), limit),
-                state.follow(),
-                state.names(),
-            )),
+            _ => Some((state.recent(scope.as_deref(), limit), state.follow())),
         }
     };
-    let Some((recent, mut live, names)) = snapshot else {
+    let Some((recent, mut live)) = snapshot else {
         let name = scope.unwrap_or_default();
         let error = Response::error(format!("no scope named `{name}` in the running policy"));
         return write.write_all(error.to_line().as_bytes()).await;
     };
-    let last_sent = recent.last().map(|event| event.ts_ns);
     for event in recent {
         write
             .write_all(Response::event(event).to_line().as_bytes())
@@ -247,10 +246,7 @@ async fn events(
     }
     loop {
         match live.recv().await {
-            Ok(received) => {
-                if last_sent.is_some_and(|ts| received.event.ts_ns <= ts) {
-                    continue;
-                }
+            Ok((received, names)) => {
                 let event = decode(&received, &names);
                 if scope.is_some() && event.scope != scope {
                     continue;

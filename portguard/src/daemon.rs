@@ -187,8 +187,13 @@ impl Running {
         let mut watch = unsafe { AsyncFd::register_with_interest(watch, Interest::READABLE) }
             .map_err(|error| anyhow::anyhow!("watching cgroups: {error}"))?;
         let mut resync = tokio::time::interval(resync);
+        // post_bind4 counts holdings without an event, so peaks are also sampled on a clock.
+        let mut peaks = tokio::time::interval(PEAK_SAMPLE);
+        peaks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
+                // Signals, reloads and new cgroups first: an event flood must not delay them.
+                biased;
                 _ = sigint.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
                 _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); return Ok(()); }
                 _ = sighup.recv() => {
@@ -204,6 +209,7 @@ impl Running {
                     self.cgroups.sync(&mut self.enforcer).context("walking the cgroup tree")?;
                     running_state_held(&self.state, &self.cgroups)?;
                 }
+                _ = peaks.tick() => lock(&self.state)?.refresh_peaks(true),
                 guard = watch.readable_mut() => {
                     let mut guard = guard.context("waiting for cgroup changes")?;
                     self.follow_cgroups(guard.get_inner_mut())?;
@@ -215,6 +221,10 @@ impl Running {
                     // reloads and cgroup changes have their turn first.
                     if self.drain_events(guard.get_inner_mut())? < EVENT_BATCH {
                         guard.clear_ready();
+                    } else {
+                        // The control socket is served from this same task: let it run too.
+                        drop(guard);
+                        tokio::task::yield_now().await;
                     }
                 }
                 guard = logger.readable_mut() => {
@@ -333,6 +343,9 @@ impl Running {
         Ok(read)
     }
 }
+
+/// How often the in-use count of each scope is sampled into its peak.
+const PEAK_SAMPLE: Duration = Duration::from_millis(10);
 
 /// Records read per wakeup before the event loop looks at its other work.
 const EVENT_BATCH: usize = 4096;

@@ -24,8 +24,8 @@ use crate::{
 pub const HISTORY: usize = 4096;
 /// Events a slow follower may fall behind before it is told it lost some.
 const FOLLOWER_BACKLOG: usize = 4096;
-/// How often the event reader folds the kernel's holdings into the peaks (status requests
-/// always do).
+/// How often the event reader folds the kernel's holdings into the peaks, at most (a clock and
+/// status requests do too).
 const PEAK_REFRESH: Duration = Duration::from_millis(10);
 
 /// The kernel's per-CPU counter maps, taken out of the loaded object.
@@ -72,6 +72,9 @@ pub struct Received {
     pub at: SystemTime,
 }
 
+/// What followers receive: the event and the scope names in force when it was recorded.
+pub type Followed = (Received, ScopeNames);
+
 struct ScopeLive {
     id: u32,
     name: String,
@@ -102,7 +105,7 @@ pub struct LiveState {
     names: ScopeNames,
     stats: KernelStats,
     history: VecDeque<Received>,
-    followers: broadcast::Sender<Received>,
+    followers: broadcast::Sender<Followed>,
     peaks_refreshed: Instant,
     last_reload: Option<ReloadOutcome>,
 }
@@ -182,7 +185,7 @@ impl LiveState {
         let received = Received { event, at };
         self.history.push_back(received);
         if self.followers.receiver_count() > 0 {
-            let _ = self.followers.send(received);
+            let _ = self.followers.send((received, self.names.clone()));
         }
     }
 
@@ -249,17 +252,31 @@ impl LiveState {
 
     /// The kept events, oldest first, optionally of one scope and at most `limit` of them.
     pub fn recent(&self, scope: Option<&str>, limit: Option<usize>) -> Vec<EventRecord> {
-        let matching: Vec<EventRecord> = self
+        let scope_id = scope.map(|name| {
+            self.names
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(id, _)| *id)
+        });
+        let matching: Vec<&Received> = self
             .history
             .iter()
-            .map(|received| decode(received, &self.names))
-            .filter(|event| scope.is_none() || event.scope.as_deref() == scope)
+            .filter(|received| match scope_id {
+                None => true,
+                Some(id) => id == Some(received.event.scope_id),
+            })
             .collect();
         let skip = limit.map_or(0, |limit| matching.len().saturating_sub(limit));
-        matching.into_iter().skip(skip).collect()
+        matching
+            .into_iter()
+            .skip(skip)
+            .map(|received| decode(received, &self.names))
+            .collect()
     }
 
-    pub fn follow(&self) -> broadcast::Receiver<Received> {
+    /// A live feed of events recorded from now on. Taken under the same lock as the history
+    /// copy, so the two meet exactly.
+    pub fn follow(&self) -> broadcast::Receiver<Followed> {
         self.followers.subscribe()
     }
 

@@ -85,15 +85,16 @@ impl Enforcer {
     /// owners of the new policy are written before anything of the old one is removed. Scope
     /// cgroups and the levels the programs walk are updated separately, as cgroups are mapped.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<(), LoadError> {
-        let mut rules: Array<_, ScopeRule> = self.map_mut(MAP_RULES)?;
-        for (id, rule) in &policy.rules {
-            rules.set(*id, rule, 0).map_err(map_error(MAP_RULES))?;
-        }
+        // Allow lists before the rules that start using them, so a listed port is never refused.
         let mut allow: Array<_, PortBitmap> = self.map_mut(MAP_BIND_ALLOW)?;
         for (id, bitmap) in &policy.bind_allow {
             allow
                 .set(*id, bitmap.as_ref(), 0)
                 .map_err(map_error(MAP_BIND_ALLOW))?;
+        }
+        let mut rules: Array<_, ScopeRule> = self.map_mut(MAP_RULES)?;
+        for (id, rule) in &policy.rules {
+            rules.set(*id, rule, 0).map_err(map_error(MAP_RULES))?;
         }
         let stale = std::mem::take(&mut self.owned_ranges);
         let mut owner: Array<_, u32> = self.map_mut(MAP_PORT_OWNER)?;

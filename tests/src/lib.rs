@@ -22,7 +22,12 @@ pub fn privileged(test: &str) -> bool {
         return true;
     }
     if std::env::var("PORTGUARD_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-        println!("SKIPPED {test}: needs root (PORTGUARD_SKIP_PRIVILEGED=1)");
+        // Straight to the process's stderr: the test harness hides what a passing test prints.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "SKIPPED {test}: needs root (PORTGUARD_SKIP_PRIVILEGED=1)"
+        );
         return false;
     }
     panic!(

@@ -415,12 +415,36 @@ fn strict_scopes_refuse_sends_from_kernel_autobound_ports() {
     );
     let peers = Peers::new();
     let udp = peers.udp_port();
-    let r = probe(&strict, &["sendto", "udp", &udp, "bind", "udp", "0"]);
+    let r = probe(
+        &strict,
+        &[
+            "sendto", "udp", &udp, "bind", "udp", "0", "send", "0", &udp, "bind", "udp", "21760",
+            "send", "2", &udp,
+        ],
+    );
     assert_eq!(
         errno(&r[0]),
         EPERM,
         "strict refuses the unsteered send: {}",
         r[0]
+    );
+    assert_eq!(
+        errno(&r[2]),
+        EPERM,
+        "and every later send from it: {}",
+        r[2]
+    );
+    assert_eq!(
+        errno(&r[3]),
+        0,
+        "explicit bind outside every range: {}",
+        r[3]
+    );
+    assert_eq!(
+        errno(&r[4]),
+        0,
+        "an explicitly bound socket may send: {}",
+        r[4]
     );
     let r = probe(&lax, &["sendto", "udp", &udp]);
     assert_eq!(errno(&r[0]), 0, "lax allows it: {}", r[0]);

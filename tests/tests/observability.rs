@@ -152,14 +152,36 @@ fn follow_streams_new_events_and_scope_filters() {
     // Give the follower time to subscribe; events before that are in the history anyway.
     std::thread::sleep(Duration::from_millis(200));
     let noise = probe(&other, &["bind", "udp", "0"]);
-    let wanted = probe(&web, &["bind", "udp", "0"]);
+    // Twenty binds, each socket closed at once: twenty bind and twenty release events.
+    let mut ops: Vec<String> = vec![];
+    for i in 0..20 {
+        ops.extend(["bind", "udp", "0", "close"].map(str::to_owned));
+        ops.push(i.to_string());
+    }
+    let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+    let wanted = probe(&web, &ops);
+    let pid = wanted[0]["pid"].clone();
     let mut lines = BufReader::new(follower.stdout.take().expect("stdout")).lines();
-    let event: Value =
-        serde_json::from_str(&lines.next().expect("an event").expect("read")).expect("event JSON");
-    assert_eq!(event["scope"], "web", "filtered to web: {event}");
-    assert_eq!(event["pid"], wanted[0]["pid"]);
-    assert_eq!(event["local_port"], port(&wanted[0]));
-    assert_ne!(event["pid"], noise[0]["pid"]);
+    let (mut binds, mut releases) = (vec![], 0);
+    while binds.len() < 20 || releases < 20 {
+        let event: Value = serde_json::from_str(&lines.next().expect("an event").expect("read"))
+            .expect("event JSON");
+        assert_eq!(event["scope"], "web", "filtered to web: {event}");
+        assert_ne!(event["pid"], noise[0]["pid"]);
+        assert_eq!(event["pid"], pid, "{event}");
+        match event["op"].as_str() {
+            Some("bind") => binds.push(event["local_port"].as_u64().expect("port")),
+            Some("release") => releases += 1,
+            other => panic!("unexpected event {other:?}: {event}"),
+        }
+        assert!(binds.len() <= 20 && releases <= 20, "duplicate events");
+    }
+    let sent: Vec<u64> = wanted
+        .iter()
+        .step_by(2)
+        .map(|r| u64::from(port(r)))
+        .collect();
+    assert_eq!(binds, sent, "every bind exactly once, in order");
     let _ = follower.kill();
     let _ = follower.wait();
 }

@@ -80,13 +80,33 @@ fn a_good_policy_is_applied_and_kept_scopes_are_never_unscoped_during_the_swap()
 
     // While a scoped child binds port 0 over and over, swap the policy back and forth: `web`
     // exists in both, so none of its sockets may ever land outside its range.
+    let stop = std::env::temp_dir().join(format!("{}-stop", cgroup.relative));
+    // Stops the probe even if an assertion below fails.
+    struct StopOnDrop(std::path::PathBuf);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::write(&self.0, b"");
+        }
+    }
+    let _stop_guard = StopOnDrop(stop.clone());
     let child = {
-        let web = web.clone();
-        std::thread::spawn(move || probe(&web, &["bind0-loop", "udp", "100000", "24100", "24109"]))
+        let (web, stop) = (web.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let stop = stop.to_str().expect("utf-8 path").to_owned();
+            probe(&web, &["bind0-until", &stop, "udp", "24100", "24109"])
+        })
     };
-    let mut rounds = 0;
-    while !child.is_finished() || rounds % 2 == 1 {
-        daemon.write_policy(if rounds % 2 == 0 { &second } else { &first });
+    // Wait until the probe is binding, then reload while it keeps going.
+    let start = Instant::now();
+    while daemon.status()["scopes"][0]["steered"] == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the probe never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for round in 0..10 {
+        daemon.write_policy(if round % 2 == 0 { &second } else { &first });
         let out = daemon.cli(&["reload"]);
         assert_eq!(
             out.status.code(),
@@ -95,9 +115,9 @@ fn a_good_policy_is_applied_and_kept_scopes_are_never_unscoped_during_the_swap()
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("reloaded policy"));
-        rounds += 1;
     }
-    assert!(rounds >= 4, "only {rounds} reloads overlapped the probe");
+    eprintln!("reloads done after {:?}", start.elapsed());
+    std::fs::write(&stop, b"").expect("stop the probe");
     let result = child.join().expect("probe thread");
     assert_eq!(
         result[0]["outside"], 0,
@@ -105,6 +125,8 @@ fn a_good_policy_is_applied_and_kept_scopes_are_never_unscoped_during_the_swap()
         result[0]
     );
     assert_eq!(result[0]["failures"], 0, "{}", result[0]);
+    let binds = result[0]["count"].as_u64().expect("count");
+    let _ = std::fs::remove_file(&stop);
 
     // The last reload applied `first`; now apply `second` and check its new scope works.
     daemon.write_policy(&second);
@@ -126,10 +148,62 @@ fn a_good_policy_is_applied_and_kept_scopes_are_never_unscoped_during_the_swap()
     assert_eq!(names, ["batch", "web"]);
     let web_status = &status["scopes"][1];
     assert_eq!(
-        web_status["steered"], 100000,
+        web_status["steered"], binds,
         "web kept its counters: {web_status}"
     );
     // A port of the dropped scope is free for anyone again.
     let r = probe(&cgroup.root, &["bind", "tcp", "24115"]);
     assert_eq!(r[0]["errno"], 0, "dropped scope's range released: {}", r[0]);
+}
+
+#[test]
+fn a_socket_held_across_a_reload_that_moves_its_range_is_released_from_its_own_scope() {
+    if !privileged(
+        "a_socket_held_across_a_reload_that_moves_its_range_is_released_from_its_own_scope",
+    ) {
+        return;
+    }
+    let cgroup = TestCgroup::new("moved");
+    let web = cgroup.child("web");
+    let daemon = Daemon::start(&cgroup, &policy(&cgroup, &[("web", "24200-24209")]));
+    let release = std::env::temp_dir().join(format!("{}-release", cgroup.relative));
+    let mut child = portguard_tests::RunningProbe::spawn(
+        &web,
+        &[
+            "bind",
+            "tcp",
+            "0",
+            "hold",
+            release.to_str().expect("utf-8 path"),
+        ],
+    );
+    let held = child.next_result();
+    child.next_result();
+    assert!((24200..=24209).contains(&port(&held)), "{held}");
+    assert_eq!(daemon.status()["scopes"][0]["in_use"], 1);
+    daemon.write_policy(&policy(&cgroup, &[("web", "24210-24219")]));
+    assert_eq!(daemon.cli(&["reload"]).status.code(), Some(0));
+    std::fs::write(&release, b"").expect("release");
+    child.finish();
+    let start = Instant::now();
+    loop {
+        let status = daemon.status();
+        if status["scopes"][0]["in_use"] == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "in_use stuck: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Released from the scope it was counted in, and the new range is in force.
+    let r = probe(&web, &["bind", "tcp", "0", "bind", "tcp", "0"]);
+    assert!(
+        r.iter().all(|r| (24210..=24219).contains(&port(r))),
+        "{r:?}"
+    );
+    let status = daemon.status();
+    assert_eq!(status["scopes"][0]["in_use"], 0, "{status}");
+    let _ = std::fs::remove_file(release);
 }

@@ -177,6 +177,25 @@ pub fn diagnose(
             ));
         }
         for scope in &policy.scopes {
+            if u32::from(scope.ephemeral.lo) < facts.unprivileged_port_start {
+                let below = PortRange::new(
+                    scope.ephemeral.lo,
+                    scope
+                        .ephemeral
+                        .hi
+                        .min(facts.unprivileged_port_start.saturating_sub(1) as u16),
+                );
+                findings.push(finding(
+                    Severity::Warning,
+                    "scope_below_unprivileged_start",
+                    format!(
+                        "scope `{}`'s ephemeral range {} reaches below net.ipv4.ip_unprivileged_port_start {}: unprivileged processes in it get EACCES for ports {below}",
+                        scope.name, scope.ephemeral, facts.unprivileged_port_start
+                    ),
+                    vec![below.to_string()],
+                    Some(format!("move scope `{}` to ports {} and above", scope.name, facts.unprivileged_port_start)),
+                ));
+            }
             for listener in &facts.listeners {
                 if scope.ephemeral.lo <= listener.port && listener.port <= scope.ephemeral.hi {
                     findings.push(finding(
@@ -320,6 +339,14 @@ mod tests {
             checks(&findings, Severity::Ok),
             ["local_port_range_size", "nodeport_range"]
         );
+        let low = parse("[[scope]]\nname = \"low\"\ncgroup = \"l\"\nephemeral = \"1000-1100\"\n")
+            .expect("valid");
+        let low_findings = diagnose(&facts(), Some(&low), None);
+        let below = low_findings
+            .iter()
+            .find(|f| f.check == "scope_below_unprivileged_start")
+            .expect("finding");
+        assert_eq!(below.ports, ["1000-1023"]);
         let overlapping = diagnose(&facts(), None, Some(PortRange::new(30000, 33000)));
         let nodeport = overlapping
             .iter()

@@ -8,6 +8,7 @@
 //!                              connect new sockets until one fails or MAX succeeded
 //!   sendto udp PORT            sendto 127.0.0.1:PORT from a new unbound socket, keep it
 //!   close N                    close the N-th kept socket (0-based)
+//!   send N PORT                sendto 127.0.0.1:PORT from the N-th kept socket
 //!   bind-loop tcp|udp PORT N   N times: a new socket bound to PORT, closed at once
 //!   rebind-loop tcp|udp PORT N bind one socket to PORT, then call bind() on it N more times
 //!                              (each runs the bind hook, then fails EINVAL): one event per call
@@ -15,6 +16,8 @@
 //!                              the same at RATE calls per second at most
 //!   bind0-loop tcp|udp N LO HI bind(0) N new sockets (each closed at once); report how many
 //!                              got a port outside LO-HI and how many failed
+//!   bind0-until FILE tcp|udp LO HI
+//!                              the same until FILE exists (60 s at most), reporting the count
 //!   hold FILE                  print {"op":"hold"} and wait (30 s at most) until FILE exists
 //! Each result: {"op":..,"proto":..,"port":local port or 0,"errno":0 or the errno,"count":..}
 
@@ -147,13 +150,26 @@ fn main() {
                 );
                 kept.push(Some(fd));
             }
-            "bind0-loop" => {
+            "bind0-loop" | "bind0-until" => {
+                let stop_file = (op == "bind0-until").then(|| next().to_owned());
                 let proto = next();
-                let times: usize = next().parse().expect("count");
+                let times: usize = if stop_file.is_some() {
+                    usize::MAX
+                } else {
+                    next().parse().expect("count")
+                };
                 let lo: u16 = next().parse().expect("lo");
                 let hi: u16 = next().parse().expect("hi");
-                let (mut outside, mut failures) = (0, 0);
-                for _ in 0..times {
+                let (mut outside, mut failures, mut done) = (0, 0, 0usize);
+                let start = std::time::Instant::now();
+                for call in 0..times {
+                    if let Some(file) = &stop_file
+                        && call % 64 == 0
+                        && (std::path::Path::new(file).exists() || start.elapsed().as_secs() >= 60)
+                    {
+                        break;
+                    }
+                    done += 1;
                     let fd = socket(proto);
                     match bind(fd, 0) {
                         Ok(()) if !(lo..=hi).contains(&local_port(fd)) => outside += 1,
@@ -164,7 +180,7 @@ fn main() {
                     unsafe { libc::close(fd) };
                 }
                 println!(
-                    "{{\"op\":\"bind0-loop\",\"proto\":\"{proto}\",\"port\":0,\"errno\":0,\"outside\":{outside},\"failures\":{failures},\"pid\":{}}}",
+                    "{{\"op\":\"{op}\",\"proto\":\"{proto}\",\"port\":0,\"errno\":0,\"count\":{done},\"outside\":{outside},\"failures\":{failures},\"pid\":{}}}",
                     std::process::id()
                 );
             }
@@ -180,6 +196,29 @@ fn main() {
                 while !std::path::Path::new(file).exists() && start.elapsed().as_secs() < 30 {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
+            }
+            "send" => {
+                let index: usize = next().parse().expect("index");
+                let port: u16 = next().parse().expect("port");
+                let fd = kept[index].expect("socket closed");
+                let addr = loopback(port);
+                // SAFETY: valid fd, buffer and address.
+                let sent = unsafe {
+                    libc::sendto(
+                        fd,
+                        b"x".as_ptr().cast(),
+                        1,
+                        0,
+                        (&raw const addr).cast(),
+                        size_of::<libc::sockaddr_in>() as u32,
+                    )
+                };
+                let result = if sent < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(local_port(fd))
+                };
+                report(op, "udp", result, None);
             }
             "close" => {
                 let index: usize = next().parse().expect("index");
