@@ -28,6 +28,7 @@ use crate::{
     policy::{HostPorts, Mode, Policy, assign_ids, compile, host_warnings},
     policy_file::PolicySource,
     scope_cgroups::ScopeCgroups,
+    service_manager,
 };
 
 pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -122,6 +123,11 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             );
         }
         log::info!("ready");
+        service_manager::ready(&format!(
+            "enforcing {} ({} scopes)",
+            source.name,
+            running.policy.scopes.len()
+        ));
         let (reload_requests, reloads) = mpsc::channel(4);
         tokio::select! {
             result = running.serve(
@@ -194,8 +200,16 @@ impl Running {
             tokio::select! {
                 // Signals, reloads and new cgroups first: an event flood must not delay them.
                 biased;
-                _ = sigint.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
-                _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); return Ok(()); }
+                _ = sigint.recv() => {
+                    log::info!("SIGINT: stopping");
+                    service_manager::stopping();
+                    return Ok(());
+                }
+                _ = sigterm.recv() => {
+                    log::info!("SIGTERM: stopping");
+                    service_manager::stopping();
+                    return Ok(());
+                }
                 _ = sighup.recv() => {
                     log::info!("SIGHUP: reloading the policy");
                     let _ = self.reload()?;
@@ -241,6 +255,18 @@ impl Running {
     /// point (the kernel refusing a map update), which stop the daemon rather than leave it
     /// half-configured unnoticed.
     fn reload(&mut self) -> anyhow::Result<Result<String, String>> {
+        service_manager::reloading();
+        let outcome = self.reload_policy();
+        let status = match &outcome {
+            Ok(Ok(summary)) => summary.clone(),
+            Ok(Err(_)) => "reload refused; the previous policy stays in force".to_owned(),
+            Err(error) => format!("reload failed: {error:#}"),
+        };
+        service_manager::ready(&status);
+        outcome
+    }
+
+    fn reload_policy(&mut self) -> anyhow::Result<Result<String, String>> {
         let prepared = PolicySource::choose(self.policy_arg.as_deref())
             .and_then(|source| Ok((source.parse()?, source.name)))
             .and_then(|(policy, name)| {

@@ -17,6 +17,7 @@ mod policy_file;
 mod protocol;
 mod reload;
 mod scope_cgroups;
+mod service_manager;
 mod status;
 
 use std::process::ExitCode;

@@ -150,6 +150,16 @@ impl Daemon {
 
     /// Starts the daemon without waiting; for tests of refusals.
     pub fn spawn(cgroup: &TestCgroup, policy: &str, extra: &[&str]) -> Self {
+        Self::spawn_with_env(cgroup, policy, extra, &[])
+    }
+
+    /// Like [`Daemon::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        cgroup: &TestCgroup,
+        policy: &str,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Self {
         let policy_path = cgroup_temp_file(cgroup, "policy.toml");
         fs::write(&policy_path, policy).expect("write policy");
         let log = cgroup_temp_file(cgroup, "daemon.log");
@@ -165,6 +175,7 @@ impl Daemon {
             .arg(&socket)
             .args(extra)
             .env("RUST_LOG", "debug,aya=warn,aya_obj=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

@@ -207,3 +207,41 @@ fn a_socket_held_across_a_reload_that_moves_its_range_is_released_from_its_own_s
     assert_eq!(status["scopes"][0]["in_use"], 0, "{status}");
     let _ = std::fs::remove_file(release);
 }
+
+#[test]
+fn the_service_manager_hears_ready_reloading_and_stopping() {
+    if !privileged("the_service_manager_hears_ready_reloading_and_stopping") {
+        return;
+    }
+    let cgroup = TestCgroup::new("notify");
+    let socket_path = std::env::temp_dir().join(format!("{}-notify.sock", cgroup.relative));
+    let _ = std::fs::remove_file(&socket_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut daemon = Daemon::spawn_with_env(
+        &cgroup,
+        &policy(&cgroup, &[("web", "24300-24309")]),
+        &[],
+        &[("NOTIFY_SOCKET", &socket_path)],
+    );
+    let next = || {
+        let mut buffer = [0u8; 4096];
+        let n = notify.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nSTATUS=enforcing"), "{ready}");
+    daemon.wait_for_log("ready", Duration::from_secs(5));
+    assert_eq!(daemon.cli(&["reload"]).status.code(), Some(0));
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert!(next().starts_with("READY=1\nSTATUS=reloaded policy"));
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1\n");
+    let _ = std::fs::remove_file(&socket_path);
+}

@@ -20,6 +20,20 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The deploy tests check the systemd unit with `systemd-analyze verify`.
+pub fn ensure_systemd_analyze() -> anyhow::Result<()> {
+    if cmd::output(Command::new("systemd-analyze").arg("--version")).is_some() {
+        return Ok(());
+    }
+    cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "systemd"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("installing systemd-analyze (Debian package systemd)")
+}
+
 fn ensure_nightly() -> anyhow::Result<()> {
     let installed = cmd::output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the eBPF programs; install it from rustup.rs")?;

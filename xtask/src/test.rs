@@ -6,6 +6,7 @@ use crate::{cmd, setup};
 
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
+    setup::ensure_systemd_analyze()?;
     // rustfmt.toml uses options only nightly rustfmt has (as aya does).
     cmd::run(
         Command::new("rustup").args(["run", "nightly", "cargo", "fmt", "--all", "--", "--check"]),
