@@ -4,6 +4,8 @@ use core::mem::size_of;
 
 /// Most scopes one policy may hold; sizes the per-scope maps.
 pub const MAX_SCOPES: u32 = 1024;
+/// Bytes of a scope name in `SCOPE_NAMES` (names are at most 64 characters of [a-z0-9_-]).
+pub const SCOPE_NAME_BYTES: usize = 64;
 /// Most cgroups that may be named by scopes at once.
 pub const MAX_SCOPED_CGROUPS: u32 = 16384;
 /// Deepest cgroup level the ancestor walk looks at. cgroup trees of real hosts (systemd, kubepods)

@@ -1,4 +1,5 @@
-//! Every map the programs share with each other and with the daemon.
+//! Every map the programs share with each other and with the daemon. All are pinned by name, so
+//! a restarted daemon adopts them, and the enforcement state with them.
 
 use aya_ebpf::{
     macros::map,
@@ -6,50 +7,55 @@ use aya_ebpf::{
 };
 use portguard_common::{
     Config, Counters, HELD_SLOTS, MAX_SCOPED_CGROUPS, MAX_SCOPES, PORT_COUNT, PortBitmap,
-    ScopeRule, SocketRecord,
+    SCOPE_NAME_BYTES, ScopeRule, SocketRecord,
 };
 
 /// Global settings (index 0), written by the daemon.
 #[map(name = "CONFIG")]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 /// cgroup id -> scope id, for every cgroup a scope names.
 #[map(name = "SCOPE_BY_CGROUP")]
-pub static SCOPE_BY_CGROUP: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SCOPED_CGROUPS, 0);
+pub static SCOPE_BY_CGROUP: HashMap<u64, u32> = HashMap::pinned(MAX_SCOPED_CGROUPS, 0);
 
 /// scope id -> rule.
 #[map(name = "RULES")]
-pub static RULES: Array<ScopeRule> = Array::with_max_entries(MAX_SCOPES, 0);
+pub static RULES: Array<ScopeRule> = Array::pinned(MAX_SCOPES, 0);
 
 /// scope id -> ports an explicit bind may use besides the range (`bind = [...]`).
 #[map(name = "BIND_ALLOW")]
-pub static BIND_ALLOW: Array<PortBitmap> = Array::with_max_entries(MAX_SCOPES, 0);
+pub static BIND_ALLOW: Array<PortBitmap> = Array::pinned(MAX_SCOPES, 0);
 
 /// port -> scope id + 1 of the scope whose range holds it, `NO_OWNER` for none. Ranges are
 /// disjoint, so one lookup answers "whose port is this".
 #[map(name = "PORT_OWNER")]
-pub static PORT_OWNER: Array<u32> = Array::with_max_entries(PORT_COUNT, 0);
+pub static PORT_OWNER: Array<u32> = Array::pinned(PORT_COUNT, 0);
 
 /// `held_slot(protocol, port)` -> number of sockets the programs saw take that port (scope ranges
 /// only). A hint that lets the port search skip ports it knows are taken; the kernel stays the
 /// authority.
 #[map(name = "PORT_HELD")]
-pub static PORT_HELD: Array<i32> = Array::with_max_entries(HELD_SLOTS, 0);
+pub static PORT_HELD: Array<i32> = Array::pinned(HELD_SLOTS, 0);
 
 /// socket cookie -> what the programs recorded about that socket, so that its release undoes
 /// exactly what was counted.
 #[map(name = "SOCKETS")]
-pub static SOCKETS: HashMap<u64, SocketRecord> = HashMap::with_max_entries(SOCKET_SLOTS, 0);
+pub static SOCKETS: HashMap<u64, SocketRecord> = HashMap::pinned(SOCKET_SLOTS, 0);
 pub const SOCKET_SLOTS: u32 = 262_144;
 
 /// scope id -> decision counters; row `UNSCOPED_COUNTERS` is for sockets in no scope.
 #[map(name = "COUNTERS")]
-pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SCOPES + 1, 0);
+pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SCOPES + 1, 0);
 
 /// Decision events for the daemon. The daemon may resize it at load time.
 #[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::pinned(1024 * 1024, 0);
+
+/// scope id -> the scope's name (NUL-padded), read back by a daemon that adopts these maps so
+/// that scope ids survive restarts. No program reads it.
+#[map(name = "SCOPE_NAMES")]
+pub static SCOPE_NAMES: Array<[u8; SCOPE_NAME_BYTES]> = Array::pinned(MAX_SCOPES, 0);
 
 /// Events that did not fit in the ring buffer (index 0).
 #[map(name = "LOST_EVENTS")]
-pub static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

@@ -77,17 +77,66 @@ pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
     Ok(fs::metadata(dir)?.ino())
 }
 
-/// Whether `dir` is a directory of a cgroup v2 file system.
-pub fn is_cgroup2_dir(dir: &Path) -> io::Result<bool> {
-    const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+/// Makes sure `pins` can hold BPF pins: creates it (mode 0700) on a bpf file system, mounting
+/// bpffs at /sys/fs/bpf first when the pin path lies there and nothing is mounted.
+pub fn prepare_pin_dir(pins: &Path) -> io::Result<()> {
+    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+    const BPFFS: &str = "/sys/fs/bpf";
+    let existing = pins
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if fs_magic(existing)? != BPF_FS_MAGIC {
+        if !pins.starts_with(BPFFS) || fs_magic(Path::new(BPFFS))? == BPF_FS_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not on a bpf file system (mount one, or use a path below {BPFFS})",
+                    pins.display()
+                ),
+            ));
+        }
+        let target = std::ffi::CString::new(BPFFS).map_err(io::Error::other)?;
+        let kind = std::ffi::CString::new("bpf").map_err(io::Error::other)?;
+        let options = std::ffi::CString::new("mode=0700").map_err(io::Error::other)?;
+        // SAFETY: valid C strings; mounting bpffs has no other preconditions.
+        let mounted = unsafe {
+            libc::mount(
+                kind.as_ptr(),
+                target.as_ptr(),
+                kind.as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        if mounted != 0 {
+            let error = io::Error::last_os_error();
+            return Err(io::Error::new(
+                error.kind(),
+                format!("mounting bpffs at {BPFFS}: {error}"),
+            ));
+        }
+        log::info!("mounted a bpf file system at {BPFFS}");
+    }
+    fs::create_dir_all(pins)?;
+    fs::set_permissions(pins, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
+fn fs_magic(path: &Path) -> io::Result<libc::c_long> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(stat.f_type as libc::c_long == CGROUP2_SUPER_MAGIC && fs::metadata(dir)?.is_dir())
+    Ok(stat.f_type as libc::c_long)
+}
+
+/// Whether `dir` is a directory of a cgroup v2 file system.
+pub fn is_cgroup2_dir(dir: &Path) -> io::Result<bool> {
+    const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
+    Ok(fs_magic(dir)? == CGROUP2_SUPER_MAGIC && fs::metadata(dir)?.is_dir())
 }
 
 #[cfg(test)]

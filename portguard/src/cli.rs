@@ -57,6 +57,16 @@ pub enum Command {
         #[arg(long, value_name = "LO-HI")]
         nodeport_range: Option<String>,
     },
+    /// Remove everything portguard placed: detach its programs (unpinning their links) and
+    /// remove its pinned maps. Stop the daemon first, or it is left without enforcement.
+    Uninstall {
+        /// The daemon's bpffs directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// The cgroup the daemon attached at; checked to have none of portguard's programs left.
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+    },
     /// Make the running daemon re-read its policy (as SIGHUP does). A policy with errors is
     /// refused with every error, and the running policy stays in force.
     Reload {
@@ -108,7 +118,14 @@ pub struct DaemonArgs {
     /// A group whose members may also use the control socket (as their primary group).
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+    /// bpffs directory for the pinned maps and links. They outlive the daemon, so enforcement
+    /// continues through restarts and upgrades; a new daemon adopts them. bpffs is mounted at
+    /// /sys/fs/bpf if needed.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
 }
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/portguard";
 
 fn parse_ring_size(text: &str) -> Result<u32, String> {
     let bytes: u32 = text

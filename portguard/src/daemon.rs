@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    cgroup::{Cgroup2Mount, is_cgroup2_dir},
+    cgroup::{Cgroup2Mount, is_cgroup2_dir, prepare_pin_dir},
     cgroup_watch::{CgroupWatch, Change},
     cli::DaemonArgs,
     control::{self, Access},
@@ -58,10 +58,24 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             mount.path.display()
         );
     }
-    let ids = assign_ids(&[], &policy).map_err(anyhow::Error::msg)?;
+    prepare_pin_dir(&args.pin_path)
+        .with_context(|| format!("preparing the pin directory {}", args.pin_path.display()))?;
+    let mut enforcer =
+        Enforcer::load(args.events_buffer, &args.pin_path).context("loading the eBPF programs")?;
+    // Scope ids survive restarts: an adopted map keeps each scope's cgroups and counters.
+    let kept = if enforcer.adopted() {
+        let kept = enforcer.kept_scope_names()?;
+        log::info!(
+            "adopting the pinned state in {} ({} scopes)",
+            args.pin_path.display(),
+            kept.len()
+        );
+        kept
+    } else {
+        vec![]
+    };
+    let ids = assign_ids(&kept, &policy).map_err(anyhow::Error::msg)?;
     let compiled = compile(&policy, &ids)?;
-
-    let mut enforcer = Enforcer::load(args.events_buffer).context("loading the eBPF programs")?;
     enforcer
         .apply(&compiled)
         .context("writing the policy into the kernel maps")?;
@@ -77,6 +91,11 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     cgroups
         .sync(&mut enforcer)
         .context("resolving scope cgroups")?;
+    if enforcer.adopted() {
+        cgroups
+            .drop_unknown(enforcer.scoped_cgroup_ids()?, &mut enforcer)
+            .context("reconciling the adopted cgroup map")?;
+    }
     cgroups.log_idle();
     log_scopes(&policy);
     let events = enforcer.take_events()?;
@@ -105,10 +124,13 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     };
     runtime.block_on(async {
         let socket = control::bind(&args.socket, access)?;
-        running
+        let replaced = running
             .enforcer
-            .attach(&attach_at)
+            .attach(&attach_at, &args.pin_path)
             .with_context(|| format!("attaching to cgroup {}", attach_at.display()))?;
+        if replaced > 0 {
+            log::info!("replaced {replaced} link(s) an earlier daemon left, without a gap");
+        }
         log::info!(
             "policy {} ({} mode, {} scopes) attached at {}; control socket {}",
             source.name,
@@ -153,9 +175,13 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         let lost = state.stats().lost_events();
         drop(running);
         match lost {
-            Ok(lost) => log::info!("stopped; programs detached; lost events: {lost}"),
-            Err(error) => log::info!("stopped; programs detached; lost events unknown: {error}"),
+            Ok(lost) => log::info!("lost events: {lost}"),
+            Err(error) => log::info!("lost events unknown: {error}"),
         }
+        log::info!(
+            "stopped; enforcement continues through the links pinned in {} (`portguard uninstall` removes them)",
+            args.pin_path.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

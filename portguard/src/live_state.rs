@@ -124,17 +124,28 @@ impl LiveState {
             peaks_refreshed: Instant::now(),
             last_reload: None,
         };
-        state.replace_policy(policy_name, policy, ids);
+        // At start the counters are either fresh or adopted from an earlier daemon: keep them.
+        state.install_policy(policy_name, policy, ids, false);
         state
     }
 
     /// Switches to a new policy: scopes kept by name keep their peak and last event; scopes with
     /// a new id start from zeroed counters.
     pub fn replace_policy(&mut self, policy_name: String, policy: &Policy, ids: &[u32]) {
+        self.install_policy(policy_name, policy, ids, true);
+    }
+
+    fn install_policy(
+        &mut self,
+        policy_name: String,
+        policy: &Policy,
+        ids: &[u32],
+        reset_new: bool,
+    ) {
         let old = std::mem::take(&mut self.scopes);
         for (scope, &id) in policy.scopes.iter().zip(ids) {
             let kept = old.iter().find(|o| o.id == id);
-            if kept.is_none() {
+            if kept.is_none() && reset_new {
                 self.stats.reset(id);
             }
             self.scopes.push(ScopeLive {

@@ -1,16 +1,23 @@
 //! Loading the programs, filling their maps and attaching them to a cgroup.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{CgroupAttachMode, Program},
+    programs::{
+        CgroupAttachMode, Program,
+        links::{FdLink, PinnedLink},
+    },
 };
 use aya_log::EbpfLogger;
 use portguard_common::{
     ALL_PROGRAMS, Config, MAP_BIND_ALLOW, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_LOST_EVENTS,
-    MAP_PORT_OWNER, MAP_RULES, MAP_SCOPE_BY_CGROUP, NO_OWNER, PortBitmap, ScopeRule,
+    MAP_PORT_OWNER, MAP_RULES, MAP_SCOPE_BY_CGROUP, MAP_SCOPE_NAMES, MAX_SCOPES, NO_OWNER,
+    PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
 };
 
 use crate::{live_state::KernelStats, policy::CompiledPolicy};
@@ -37,6 +44,16 @@ pub enum LoadError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: String,
@@ -53,13 +70,20 @@ pub struct Enforcer {
     flags: u32,
     /// Levels of the shallowest and deepest scoped cgroup, if any.
     walk: Option<(u32, u32)>,
+    /// Whether the maps were pinned by an earlier daemon.
+    adopted: bool,
 }
 
 impl Enforcer {
     /// Loads every program into the kernel (the verifier runs here), without attaching any.
     /// `events_bytes` sizes the event ring buffer: a power of two, a multiple of the page size.
-    pub fn load(events_bytes: u32) -> Result<Self, LoadError> {
+    ///
+    /// Maps are pinned in `pins` (a bpffs directory): existing pins are adopted, with the state
+    /// an earlier daemon left in them.
+    pub fn load(events_bytes: u32, pins: &Path) -> Result<Self, LoadError> {
+        let adopted = pins.join(MAP_CONFIG).exists();
         let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins)
             .map_max_entries(MAP_EVENTS, events_bytes)
             .load(PROGRAMS_OBJECT)?;
         for name in ALL_PROGRAMS {
@@ -73,12 +97,25 @@ impl Enforcer {
             };
             loaded.map_err(|source| LoadError::Program { name, source })?;
         }
-        Ok(Self {
+        let mut enforcer = Self {
             ebpf,
             owned_ranges: vec![],
             flags: 0,
             walk: None,
-        })
+            adopted,
+        };
+        if adopted {
+            enforcer.owned_ranges = enforcer.owned_port_ranges()?;
+            // The earlier daemon's programs still run on these maps: until this daemon has
+            // mapped its cgroups, the walk they use must stay as it was, or scoped sockets
+            // would briefly look unscoped.
+            let config: Array<&MapData, Config> = enforcer.map(MAP_CONFIG)?;
+            let running = config.get(&0, 0).map_err(map_error(MAP_CONFIG))?;
+            enforcer.flags = running.flags;
+            enforcer.walk = (running.min_level <= running.max_level)
+                .then_some((running.min_level, running.max_level));
+        }
+        Ok(enforcer)
     }
 
     /// Writes a policy into the maps, replacing the one in force without a gap: rules and port
@@ -95,6 +132,15 @@ impl Enforcer {
         let mut rules: Array<_, ScopeRule> = self.map_mut(MAP_RULES)?;
         for (id, rule) in &policy.rules {
             rules.set(*id, rule, 0).map_err(map_error(MAP_RULES))?;
+        }
+        let mut names: Array<_, [u8; SCOPE_NAME_BYTES]> = self.map_mut(MAP_SCOPE_NAMES)?;
+        for (id, name) in &policy.names {
+            let mut bytes = [0u8; SCOPE_NAME_BYTES];
+            let len = name.len().min(SCOPE_NAME_BYTES);
+            bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+            names
+                .set(*id, bytes, 0)
+                .map_err(map_error(MAP_SCOPE_NAMES))?;
         }
         let stale = std::mem::take(&mut self.owned_ranges);
         let mut owner: Array<_, u32> = self.map_mut(MAP_PORT_OWNER)?;
@@ -170,30 +216,119 @@ impl Enforcer {
         }
     }
 
-    /// Attaches every program to the cgroup at `dir`, alongside any other program there.
-    pub fn attach(&mut self, dir: &Path) -> Result<(), LoadError> {
+    /// Attaches every program to the cgroup at `dir`, alongside any other program there, and pins
+    /// each link in `pins` so that enforcement outlives the daemon. Links an earlier daemon
+    /// pinned there are detached only once the new ones are attached and pinned, so there is no
+    /// moment without enforcement; while both run, the per-socket records keep anything from
+    /// being counted twice. Returns how many earlier links were replaced.
+    pub fn attach(&mut self, dir: &Path, pins: &Path) -> Result<usize, LoadError> {
         let cgroup = File::open(dir).map_err(|source| LoadError::Cgroup {
             path: dir.display().to_string(),
             source,
         })?;
+        let mut replaced = 0;
         for name in ALL_PROGRAMS {
+            let earlier = earlier_links(pins, name)?;
             let program = self
                 .ebpf
                 .program_mut(name)
                 .ok_or(LoadError::MissingProgram(name))?;
             // Single creates a BPF link, which coexists with other programs on the cgroup.
-            let attached = match program {
+            let link: FdLink = match program {
                 Program::CgroupSockAddr(program) => {
-                    program.attach(&cgroup, CgroupAttachMode::Single).map(drop)
+                    let id = program
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|source| LoadError::Program { name, source })?;
+                    let link = program
+                        .take_link(id)
+                        .map_err(|source| LoadError::Program { name, source })?;
+                    link.try_into()
+                        .map_err(|source| LoadError::Link { name, source })?
                 }
                 Program::CgroupSock(program) => {
-                    program.attach(&cgroup, CgroupAttachMode::Single).map(drop)
+                    let id = program
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|source| LoadError::Program { name, source })?;
+                    let link = program
+                        .take_link(id)
+                        .map_err(|source| LoadError::Program { name, source })?;
+                    link.try_into()
+                        .map_err(|source| LoadError::Link { name, source })?
                 }
                 _ => return Err(LoadError::MissingProgram(name)),
             };
-            attached.map_err(|source| LoadError::Program { name, source })?;
+            // bpffs refuses names with a dot.
+            let staged = pins.join(format!("link_{name}_staged_{}", std::process::id()));
+            let pinned = link.pin(&staged).map_err(|source| LoadError::Pin {
+                path: staged.display().to_string(),
+                source: std::io::Error::other(source),
+            })?;
+            // Unpinning keeps each earlier link attached until its fd closes at the end of
+            // this iteration, after the new one is in place.
+            let mut detach = vec![];
+            for (path, link) in earlier {
+                detach.push(link.unpin().map_err(|source| LoadError::Pin {
+                    path: path.display().to_string(),
+                    source,
+                })?);
+                replaced += 1;
+            }
+            let final_path = pins.join(format!("link_{name}"));
+            fs::rename(&staged, &final_path).map_err(|source| LoadError::Pin {
+                path: final_path.display().to_string(),
+                source,
+            })?;
+            drop(pinned);
+            drop(detach);
         }
-        Ok(())
+        Ok(replaced)
+    }
+
+    /// Whether the maps were adopted from an earlier daemon.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The scope names an earlier daemon kept, by id.
+    pub fn kept_scope_names(&self) -> Result<Vec<(String, u32)>, LoadError> {
+        let map: Array<&MapData, [u8; SCOPE_NAME_BYTES]> = self.map(MAP_SCOPE_NAMES)?;
+        let mut names = vec![];
+        for id in 0..MAX_SCOPES {
+            let bytes = map.get(&id, 0).map_err(map_error(MAP_SCOPE_NAMES))?;
+            let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            if len > 0 {
+                names.push((String::from_utf8_lossy(&bytes[..len]).into_owned(), id));
+            }
+        }
+        Ok(names)
+    }
+
+    /// Cgroup ids in the kernel's cgroup -> scope map (to reconcile an adopted map).
+    pub fn scoped_cgroup_ids(&self) -> Result<Vec<u64>, LoadError> {
+        let map: HashMap<&MapData, u64, u32> = self.map(MAP_SCOPE_BY_CGROUP)?;
+        map.keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_error(MAP_SCOPE_BY_CGROUP))
+    }
+
+    /// The port ranges `PORT_OWNER` assigns now, read back from an adopted map.
+    fn owned_port_ranges(&self) -> Result<Vec<(u16, u16)>, LoadError> {
+        let map: Array<&MapData, u32> = self.map(MAP_PORT_OWNER)?;
+        let mut ranges: Vec<(u16, u16)> = vec![];
+        for port in 1..=u16::MAX {
+            if map
+                .get(&u32::from(port), 0)
+                .map_err(map_error(MAP_PORT_OWNER))?
+                == NO_OWNER
+            {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some((_, hi)) if *hi + 1 == port => *hi = port,
+                _ => ranges.push((port, port)),
+            }
+        }
+        Ok(ranges)
     }
 
     /// The event ring buffer, for the daemon's reader.
@@ -218,6 +353,14 @@ impl Enforcer {
         EbpfLogger::init(&mut self.ebpf)
     }
 
+    fn map<'a, M>(&'a self, name: &'static str) -> Result<M, LoadError>
+    where
+        M: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+        M::try_from(map).map_err(map_error(name))
+    }
+
     fn take<M>(&mut self, name: &'static str) -> Result<M, LoadError>
     where
         M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -238,8 +381,117 @@ impl Enforcer {
     }
 }
 
+/// The links of program `name` an earlier daemon pinned in `pins` (a crash may leave a staged
+/// one beside the final one).
+fn earlier_links(pins: &Path, name: &str) -> Result<Vec<(PathBuf, PinnedLink)>, LoadError> {
+    let prefix = format!("link_{name}");
+    let mut links = vec![];
+    let entries = match fs::read_dir(pins) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(links),
+        Err(source) => {
+            return Err(LoadError::Pin {
+                path: pins.display().to_string(),
+                source,
+            });
+        }
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        if file == prefix || file.starts_with(&format!("{prefix}_staged_")) {
+            let path = entry.path();
+            let link = PinnedLink::from_pin(&path).map_err(|source| LoadError::Link {
+                name: "earlier",
+                source,
+            })?;
+            links.push((path, link));
+        }
+    }
+    Ok(links)
+}
+
+/// Removes everything portguard pinned in `pins`: links first (which detaches the programs),
+/// then the maps. Returns how many links and maps were removed.
+pub fn uninstall(pins: &Path) -> Result<(usize, usize), LoadError> {
+    let pin_error = |source| LoadError::Pin {
+        path: pins.display().to_string(),
+        source,
+    };
+    let entries: Vec<PathBuf> = match fs::read_dir(pins) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(source) => return Err(pin_error(source)),
+    };
+    let (links, maps): (Vec<PathBuf>, Vec<PathBuf>) = entries.into_iter().partition(|path| {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("link_"))
+    });
+    for path in &links {
+        let link = PinnedLink::from_pin(path).map_err(|source| LoadError::Link {
+            name: "pinned",
+            source,
+        })?;
+        drop(link.unpin().map_err(|source| LoadError::Pin {
+            path: path.display().to_string(),
+            source,
+        })?);
+    }
+    for path in &maps {
+        fs::remove_file(path).map_err(|source| LoadError::Pin {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    fs::remove_dir(pins).map_err(pin_error)?;
+    Ok((links.len(), maps.len()))
+}
+
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
     move |source| LoadError::Map { name, source }
+}
+
+/// How many of portguard's programs (by name) are attached directly at the cgroup `dir`.
+pub fn attached_portguard_programs(dir: &Path) -> std::io::Result<usize> {
+    // bpf_attach_type values of the hooks portguard uses (uapi/linux/bpf.h).
+    const ATTACH_TYPES: [u32; 5] = [8, 10, 12, 14, 34];
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let cgroup = File::open(dir)?;
+    let mut ids = vec![];
+    for attach_type in ATTACH_TYPES {
+        let mut prog_ids = [0u32; 64];
+        // union bpf_attr, query: target_fd, attach_type, query_flags, attach_flags, prog_ids,
+        // prog_cnt (in: room, out: count).
+        let mut attr = [0u8; 128];
+        attr[0..4]
+            .copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&cgroup) as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+        attr[16..24].copy_from_slice(&(prog_ids.as_mut_ptr() as u64).to_ne_bytes());
+        attr[24..28].copy_from_slice(&(prog_ids.len() as u32).to_ne_bytes());
+        // SAFETY: attr is a valid bpf_attr whose prog_ids points at a buffer of prog_cnt ids.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_QUERY,
+                attr.as_mut_ptr(),
+                attr.len() as u32,
+            )
+        };
+        if ret != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let count = u32::from_ne_bytes([attr[24], attr[25], attr[26], attr[27]]) as usize;
+        ids.extend_from_slice(&prog_ids[..count.min(prog_ids.len())]);
+    }
+    Ok(aya::programs::loaded_programs()
+        .flatten()
+        .filter(|info| ids.contains(&info.id()))
+        .filter(|info| {
+            info.name_as_str()
+                .is_some_and(|name| name.starts_with("pg_"))
+        })
+        .count())
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod reload;
 mod scope_cgroups;
 mod service_manager;
 mod status;
+mod uninstall;
 
 use std::process::ExitCode;
 
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
             policy,
             nodeport_range,
         } => doctor::run(json, policy.as_deref(), nodeport_range.as_deref()),
+        Command::Uninstall { pin_path, cgroup } => uninstall::run(&pin_path, cgroup.as_deref()),
         Command::Reload { socket } => reload::run(&socket).map(|()| ExitCode::SUCCESS),
         Command::Status { json, socket } => status::run(&socket, json).map(|()| ExitCode::SUCCESS),
         Command::Events {

@@ -109,6 +109,21 @@ impl ScopeCgroups {
         self.sync(enforcer)
     }
 
+    /// Removes entries of an adopted map that no scope of this policy selects now.
+    pub fn drop_unknown(
+        &mut self,
+        ids: Vec<u64>,
+        enforcer: &mut Enforcer,
+    ) -> Result<(), LoadError> {
+        for id in ids {
+            if !self.mapped.values().any(|m| m.cgroup_id == id) {
+                enforcer.remove_scope_cgroup(id)?;
+                log::info!("cgroup id {id}: no longer scoped (left by an earlier daemon)");
+            }
+        }
+        Ok(())
+    }
+
     /// Logs the scopes that select no cgroup (yet).
     pub fn log_idle(&self) {
         for (scope_id, paths) in self.held() {

@@ -94,8 +94,23 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// The bpffs directory for this test's daemons.
+    pub fn pin_path(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.relative)
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        // Daemons keep enforcement pinned after they stop: remove it with the test's cgroups.
+        if self.pin_path().exists() {
+            let _ = Command::new(portguard_bin())
+                .arg("uninstall")
+                .arg("--pin-path")
+                .arg(self.pin_path())
+                .output();
+        }
         remove_cgroup_tree(&self.root);
     }
 }
@@ -173,6 +188,8 @@ impl Daemon {
             .arg(&cgroup.root)
             .arg("--socket")
             .arg(&socket)
+            .arg("--pin-path")
+            .arg(cgroup.pin_path())
             .args(extra)
             .env("RUST_LOG", "debug,aya=warn,aya_obj=warn")
             .envs(env.iter().copied())

@@ -315,8 +315,8 @@ fn audit_mode_denies_nothing_but_counts() {
 }
 
 #[test]
-fn stopping_the_daemon_detaches_every_program() {
-    if !privileged("stopping_the_daemon_detaches_every_program") {
+fn stopping_keeps_enforcement_and_uninstall_removes_everything() {
+    if !privileged("stopping_keeps_enforcement_and_uninstall_removes_everything") {
         return;
     }
     let cgroup = TestCgroup::new("detach");
@@ -330,13 +330,48 @@ fn stopping_the_daemon_detaches_every_program() {
         [1, 1, 1, 1, 1],
         "attached while running"
     );
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("enforcement continues through the links pinned in"),
+        "{log}"
+    );
+    // Through upgrades and restarts the kernel keeps enforcing with no daemon at all.
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        [1, 1, 1, 1, 1],
+        "still attached"
+    );
     assert_eq!(
         errno(&probe(&cgroup.root, &["bind", "tcp", "21505"])[0]),
         EPERM
     );
-    let (code, log) = daemon.stop();
-    assert_eq!(code, Some(0), "{log}");
-    assert!(log.contains("programs detached"), "{log}");
+    let r = probe(&web, &["bind", "tcp", "0"]);
+    assert!(
+        in_range(port(&r[0]), 21500, 21509),
+        "still steered: {}",
+        r[0]
+    );
+
+    let out = std::process::Command::new(portguard_tests::portguard_bin())
+        .arg("uninstall")
+        .arg("--pin-path")
+        .arg(cgroup.pin_path())
+        .arg("--cgroup")
+        .arg(&cgroup.root)
+        .output()
+        .expect("run uninstall");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("removed 5 link(s) and 11 map(s)"),
+        "{stdout}"
+    );
+    assert!(!cgroup.pin_path().exists(), "no pins left");
     assert_eq!(
         portguard_programs(&cgroup.root),
         [0, 0, 0, 0, 0],
@@ -349,6 +384,89 @@ fn stopping_the_daemon_detaches_every_program() {
         "no longer steered: {}",
         r[0]
     );
+}
+
+#[test]
+fn a_killed_daemon_leaves_enforcement_in_place_and_a_new_one_adopts_it() {
+    if !privileged("a_killed_daemon_leaves_enforcement_in_place_and_a_new_one_adopts_it") {
+        return;
+    }
+    let cgroup = TestCgroup::new("kill9");
+    let web = cgroup.child("web");
+    let text = policy("enforce", &[("web", &cgroup.rel("web"), "21800-21809", "")]);
+    let first = Daemon::start(&cgroup, &text);
+    // A child keeps binding port 0 through the kill and the restart.
+    let stop = std::env::temp_dir().join(format!("{}-stop", cgroup.relative));
+    let child = {
+        let (web, stop) = (web.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let stop = stop.to_str().expect("utf-8 path").to_owned();
+            probe(&web, &["bind0-until", &stop, "udp", "21800", "21809"])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    first.signal(libc::SIGKILL);
+    let _ = first.wait_exit(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second = Daemon::start(&cgroup, &text);
+    second.wait_for_log("adopting the pinned state", Duration::from_secs(5));
+    second.wait_for_log("replaced 5 link(s)", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(&stop, b"").expect("stop the child");
+    let result = child.join().expect("probe thread");
+    let _ = std::fs::remove_file(&stop);
+    assert!(
+        result[0]["count"].as_u64().expect("count") > 100,
+        "{}",
+        result[0]
+    );
+    assert_eq!(
+        result[0]["outside"], 0,
+        "a socket escaped its range: {}",
+        result[0]
+    );
+    assert_eq!(result[0]["failures"], 0, "{}", result[0]);
+    // One program per hook: the earlier links were replaced, not added to.
+    assert_eq!(portguard_programs(&cgroup.root), [1, 1, 1, 1, 1]);
+    // The adopted counters carried over the binds made while no daemon ran.
+    let steered = second.status()["scopes"][0]["steered"]
+        .as_u64()
+        .expect("steered");
+    assert_eq!(steered, result[0]["count"].as_u64().expect("count"));
+}
+
+#[test]
+fn two_daemons_with_their_own_pins_and_cgroups_run_side_by_side() {
+    if !privileged("two_daemons_with_their_own_pins_and_cgroups_run_side_by_side") {
+        return;
+    }
+    let one = TestCgroup::new("sideone");
+    let two = TestCgroup::new("sidetwo");
+    let (a, b) = (one.child("svc"), two.child("svc"));
+    let _first = Daemon::start(
+        &one,
+        &policy("enforce", &[("svc", &one.rel("svc"), "21900-21909", "")]),
+    );
+    let _second = Daemon::start(
+        &two,
+        &policy("enforce", &[("svc", &two.rel("svc"), "21910-21919", "")]),
+    );
+    assert!(in_range(
+        port(&probe(&a, &["bind", "tcp", "0"])[0]),
+        21900,
+        21909
+    ));
+    assert!(in_range(
+        port(&probe(&b, &["bind", "tcp", "0"])[0]),
+        21910,
+        21919
+    ));
+    // Each daemon protects its own ranges only under its own attach point.
+    assert_eq!(
+        errno(&probe(&two.root, &["bind", "tcp", "21915"])[0]),
+        EPERM
+    );
+    assert_eq!(errno(&probe(&two.root, &["bind", "tcp", "21905"])[0]), 0);
 }
 
 #[test]

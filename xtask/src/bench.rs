@@ -189,6 +189,8 @@ fn event_run(bins: &Path, iterations: usize, pace: Option<u32>) -> anyhow::Resul
             .arg(&cgroup.path)
             .arg("--socket")
             .arg(&socket)
+            .arg("--pin-path")
+            .arg(cgroup.pin_path())
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -263,6 +265,19 @@ fn event_run(bins: &Path, iterations: usize, pace: Option<u32>) -> anyhow::Resul
     let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let daemon_cpu_share = (cpu_after - cpu_before) as f64 / ticks_per_s / flood.as_secs_f64();
     drop(daemon);
+    // The daemon leaves enforcement pinned when it stops; the benchmark removes it.
+    let uninstall = Command::new(bins.join("portguard"))
+        .arg("uninstall")
+        .arg("--pin-path")
+        .arg(cgroup.pin_path())
+        .output()
+        .context("running portguard uninstall")?;
+    if !uninstall.status.success() {
+        bail!(
+            "uninstall failed: {}",
+            String::from_utf8_lossy(&uninstall.stderr)
+        );
+    }
     let _ = fs::remove_file(&policy);
     Ok(EventRun {
         events_per_s: iterations as f64 / flood.as_secs_f64(),
@@ -306,6 +321,12 @@ impl BenchCgroup {
         let path = mount.join(&relative);
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self { path, relative })
+    }
+}
+
+impl BenchCgroup {
+    fn pin_path(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.relative)
     }
 }
 

@@ -16,6 +16,8 @@ pub struct CompiledPolicy {
     pub bind_allow: Vec<(u32, Box<PortBitmap>)>,
     /// Each scope's range with the value `PORT_OWNER` holds for its ports (scope id + 1).
     pub port_owner: Vec<(PortRange, u32)>,
+    /// Each scope's id and name, kept with the maps so ids survive restarts.
+    pub names: Vec<(u32, String)>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +41,7 @@ pub fn compile(policy: &Policy, ids: &[u32]) -> Result<CompiledPolicy, CompileEr
     let mut rules = vec![];
     let mut bind_allow = vec![];
     let mut port_owner = vec![];
+    let mut names = vec![];
     for (scope, &id) in policy.scopes.iter().zip(ids) {
         let mut flags = 0;
         if scope.effective_mode(policy.mode) == Mode::Audit {
@@ -66,12 +69,14 @@ pub fn compile(policy: &Policy, ids: &[u32]) -> Result<CompiledPolicy, CompileEr
             },
         ));
         port_owner.push((scope.ephemeral, id + 1));
+        names.push((id, scope.name.clone()));
     }
     Ok(CompiledPolicy {
         config,
         rules,
         bind_allow,
         port_owner,
+        names,
     })
 }
 

@@ -1,0 +1,32 @@
+//! `portguard uninstall`: remove every pin, which detaches the programs.
+
+use std::{path::Path, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+
+use crate::loader;
+
+pub fn run(pins: &Path, cgroup: Option<&Path>) -> anyhow::Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("portguard uninstall must run as root: it removes BPF pins");
+    }
+    let (links, maps) = loader::uninstall(pins)
+        .with_context(|| format!("removing portguard's pins in {}", pins.display()))?;
+    println!(
+        "removed {links} link(s) and {maps} map(s) from {}",
+        pins.display()
+    );
+    if let Some(cgroup) = cgroup {
+        let left = loader::attached_portguard_programs(cgroup)
+            .with_context(|| format!("checking {}", cgroup.display()))?;
+        if left > 0 {
+            bail!(
+                "{left} portguard program(s) are still attached at {}: another pin path, or a running daemon?",
+                cgroup.display()
+            );
+        }
+        println!("no portguard program is attached at {}", cgroup.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
