@@ -24,11 +24,12 @@ pub const MAP_PORT_OWNER: &str = "PORT_OWNER";
 pub const MAP_PORT_HELD: &str = "PORT_HELD";
 pub const MAP_SOCKETS: &str = "SOCKETS";
 pub const MAP_SCOPE_NAMES: &str = "SCOPE_NAMES";
+pub const MAP_RESERVED: &str = "RESERVED";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_LOST_EVENTS: &str = "LOST_EVENTS";
 
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_CONFIG,
     MAP_SCOPE_BY_CGROUP,
     MAP_RULES,
@@ -37,6 +38,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_PORT_HELD,
     MAP_SOCKETS,
     MAP_SCOPE_NAMES,
+    MAP_RESERVED,
     MAP_COUNTERS,
     MAP_EVENTS,
     MAP_LOST_EVENTS,

@@ -94,6 +94,9 @@ impl PortBitmap {
     pub fn insert(&mut self, port: u16) {
         self.words[(port / 64) as usize] |= 1u64 << (port % 64);
     }
+    pub fn remove(&mut self, port: u16) {
+        self.words[(port / 64) as usize] &= !(1u64 << (port % 64));
+    }
 }
 
 /// Per-scope decision counters, one row per scope in the per-CPU `COUNTERS` map.

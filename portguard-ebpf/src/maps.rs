@@ -56,6 +56,11 @@ pub static EVENTS: RingBuf = RingBuf::pinned(1024 * 1024, 0);
 #[map(name = "SCOPE_NAMES")]
 pub static SCOPE_NAMES: Array<[u8; SCOPE_NAME_BYTES]> = Array::pinned(MAX_SCOPES, 0);
 
+/// The ports portguard added to net.ipv4.ip_local_reserved_ports (index 0), so that they, and
+/// only they, are given back on uninstall. No program reads it.
+#[map(name = "RESERVED")]
+pub static RESERVED: Array<PortBitmap> = Array::pinned(1, 0);
+
 /// Events that did not fit in the ring buffer (index 0).
 #[map(name = "LOST_EVENTS")]
 pub static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

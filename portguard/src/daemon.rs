@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{MapData, RingBuf};
-use portguard_common::{Counters, Event, UNSCOPED_COUNTERS};
+use portguard_common::{Counters, Event, PortBitmap, UNSCOPED_COUNTERS};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -27,6 +27,7 @@ use crate::{
     loader::Enforcer,
     policy::{HostPorts, Mode, Policy, assign_ids, compile, host_warnings},
     policy_file::PolicySource,
+    reserved_ports,
     scope_cgroups::ScopeCgroups,
     service_manager,
 };
@@ -46,7 +47,6 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let policy = source
         .parse()
         .context("the policy has errors; not starting")?;
-    warn_about_host(&policy);
     let mount = Cgroup2Mount::find()?;
     let attach_at = args.cgroup.clone().unwrap_or_else(|| mount.path.clone());
     if !is_cgroup2_dir(&attach_at)
@@ -74,6 +74,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     } else {
         vec![]
     };
+    warn_about_host(&policy, &enforcer.reserved()?);
     let ids = assign_ids(&kept, &policy).map_err(anyhow::Error::msg)?;
     let compiled = compile(&policy, &ids)?;
     enforcer
@@ -97,6 +98,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             .context("reconciling the adopted cgroup map")?;
     }
     cgroups.log_idle();
+    reserve_ports(&policy, &mut enforcer)?;
     log_scopes(&policy);
     let events = enforcer.take_events()?;
     let logger = enforcer
@@ -319,13 +321,14 @@ impl Running {
                 return Ok(Err(message));
             }
         };
-        warn_about_host(&policy);
+        warn_about_host(&policy, &self.enforcer.reserved()?);
         self.enforcer
             .apply(&compiled)
             .context("reload: writing the new policy into the kernel maps")?;
         self.cgroups
             .replace(&policy, &ids, &mut self.enforcer)
             .context("reload: updating scope cgroups")?;
+        reserve_ports(&policy, &mut self.enforcer)?;
         {
             let mut state = lock(&self.state)?;
             state.replace_policy(name.clone(), &policy, &ids);
@@ -411,9 +414,38 @@ fn running_state_held(state: &Mutex<LiveState>, cgroups: &ScopeCgroups) -> anyho
     Ok(())
 }
 
-fn warn_about_host(policy: &Policy) {
+/// Reserves the policy's ranges in the sysctl (or gives ours back with `reserve = false`). The
+/// reservation helps the kernel's own allocator stay out of scope ranges; enforcement does not
+/// depend on it, so a failure is logged, not fatal.
+fn reserve_ports(policy: &Policy, enforcer: &mut Enforcer) -> anyhow::Result<()> {
+    let wanted = if policy.reserve {
+        reserved_ports::bitmap_of(policy.scopes.iter().map(|scope| scope.ephemeral))
+    } else {
+        PortBitmap::EMPTY
+    };
+    let mut ours = enforcer.reserved()?;
+    match reserved_ports::apply(&wanted, &mut ours) {
+        Ok((0, 0)) => {}
+        Ok((added, removed)) => log::info!(
+            "net.ipv4.ip_local_reserved_ports: reserved {added} scope port(s), returned {removed}"
+        ),
+        Err(error) => log::warn!("cannot update net.ipv4.ip_local_reserved_ports: {error}"),
+    }
+    enforcer.set_reserved(&ours)?;
+    Ok(())
+}
+
+/// Warns about the host's port settings, leaving out the reservations portguard made itself.
+fn warn_about_host(policy: &Policy, ours: &PortBitmap) {
     match HostPorts::read() {
-        Ok(host) => {
+        Ok(mut host) => {
+            let mut theirs = reserved_ports::bitmap_of(host.reserved.iter().copied());
+            for port in 1..=u16::MAX {
+                if ours.contains(port) {
+                    theirs.remove(port);
+                }
+            }
+            host.reserved = reserved_ports::ranges_of(&theirs);
             for warning in host_warnings(policy, &host) {
                 log::warn!("{warning}");
             }

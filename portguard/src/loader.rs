@@ -16,8 +16,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use portguard_common::{
     ALL_PROGRAMS, Config, MAP_BIND_ALLOW, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_LOST_EVENTS,
-    MAP_PORT_OWNER, MAP_RULES, MAP_SCOPE_BY_CGROUP, MAP_SCOPE_NAMES, MAX_SCOPES, NO_OWNER,
-    PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
+    MAP_PORT_OWNER, MAP_RESERVED, MAP_RULES, MAP_SCOPE_BY_CGROUP, MAP_SCOPE_NAMES, MAX_SCOPES,
+    NO_OWNER, PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
 };
 
 use crate::{live_state::KernelStats, policy::CompiledPolicy};
@@ -284,6 +284,17 @@ impl Enforcer {
         Ok(replaced)
     }
 
+    /// The ports portguard reserved in the sysctl, as recorded in the pinned map.
+    pub fn reserved(&self) -> Result<PortBitmap, LoadError> {
+        let map: Array<&MapData, PortBitmap> = self.map(MAP_RESERVED)?;
+        map.get(&0, 0).map_err(map_error(MAP_RESERVED))
+    }
+
+    pub fn set_reserved(&mut self, ports: &PortBitmap) -> Result<(), LoadError> {
+        let mut map: Array<_, PortBitmap> = self.map_mut(MAP_RESERVED)?;
+        map.set(0, ports, 0).map_err(map_error(MAP_RESERVED))
+    }
+
     /// Whether the maps were adopted from an earlier daemon.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -409,6 +420,18 @@ fn earlier_links(pins: &Path, name: &str) -> Result<Vec<(PathBuf, PinnedLink)>, 
         }
     }
     Ok(links)
+}
+
+/// The ports the installation at `pins` reserved in the sysctl, if it recorded any.
+pub fn pinned_reservation(pins: &Path) -> Result<Option<PortBitmap>, LoadError> {
+    let path = pins.join(MAP_RESERVED);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path).map_err(map_error(MAP_RESERVED))?;
+    let map: Array<MapData, PortBitmap> =
+        Array::try_from(aya::maps::Map::Array(data)).map_err(map_error(MAP_RESERVED))?;
+    map.get(&0, 0).map(Some).map_err(map_error(MAP_RESERVED))
 }
 
 /// Removes everything portguard pinned in `pins`: links first (which detaches the programs),

@@ -16,6 +16,7 @@ mod policy;
 mod policy_file;
 mod protocol;
 mod reload;
+mod reserved_ports;
 mod scope_cgroups;
 mod service_manager;
 mod status;

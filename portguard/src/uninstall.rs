@@ -3,13 +3,20 @@
 use std::{path::Path, process::ExitCode};
 
 use anyhow::{Context as _, bail};
+use portguard_common::PortBitmap;
 
-use crate::loader;
+use crate::{loader, reserved_ports};
 
 pub fn run(pins: &Path, cgroup: Option<&Path>) -> anyhow::Result<ExitCode> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("portguard uninstall must run as root: it removes BPF pins");
+    }
+    // Give the reserved ports back first: the record of which ones are ours is a pinned map.
+    if let Some(mut ours) = loader::pinned_reservation(pins)? {
+        let (_, removed) = reserved_ports::apply(&PortBitmap::EMPTY, &mut ours)
+            .context("restoring net.ipv4.ip_local_reserved_ports")?;
+        println!("returned {removed} reserved port(s) to net.ipv4.ip_local_reserved_ports");
     }
     let (links, maps) = loader::uninstall(pins)
         .with_context(|| format!("removing portguard's pins in {}", pins.display()))?;

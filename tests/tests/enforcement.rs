@@ -368,7 +368,7 @@ fn stopping_keeps_enforcement_and_uninstall_removes_everything() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("removed 5 link(s) and 11 map(s)"),
+        stdout.contains("removed 5 link(s) and 12 map(s)"),
         "{stdout}"
     );
     assert!(!cgroup.pin_path().exists(), "no pins left");

@@ -52,7 +52,12 @@ impl HostPorts {
 pub fn host_warnings(policy: &Policy, host: &HostPorts) -> Vec<String> {
     let mut warnings = vec![];
     for scope in &policy.scopes {
-        if let Some(shared) = scope.ephemeral.intersection(&host.local_range) {
+        // With `reserve`, the daemon reserves the scope's ports itself.
+        if let Some(shared) = scope
+            .ephemeral
+            .intersection(&host.local_range)
+            .filter(|_| !policy.reserve)
+        {
             let reserved = host
                 .reserved
                 .iter()
@@ -106,7 +111,7 @@ mod tests {
     #[test]
     fn warns_with_the_ports_involved() {
         let policy = parse(
-            "[[scope]]\nname = \"a\"\ncgroup = \"a\"\nephemeral = \"60000-61999\"\n\
+            "reserve = false\n[[scope]]\nname = \"a\"\ncgroup = \"a\"\nephemeral = \"60000-61999\"\n\
              [[scope]]\nname = \"b\"\ncgroup = \"b\"\nephemeral = \"62000-62099\"\n",
         )
         .expect("valid");

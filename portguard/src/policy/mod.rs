@@ -46,6 +46,8 @@ impl fmt::Display for Mode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub mode: Mode,
+    /// Add every scope range to net.ipv4.ip_local_reserved_ports (`reserve`, default true).
+    pub reserve: bool,
     pub scopes: Vec<Scope>,
 }
 

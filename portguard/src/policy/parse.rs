@@ -12,7 +12,7 @@ use toml::{
 
 use super::{Location, Mode, Policy, PolicyError, PolicyErrors, PortRange, Scope, Selector};
 
-const TOP_KEYS: [&str; 2] = ["mode", "scope"];
+const TOP_KEYS: [&str; 3] = ["mode", "reserve", "scope"];
 const SCOPE_KEYS: [&str; 8] = [
     "name",
     "cgroup",
@@ -71,6 +71,22 @@ fn parse_document(document: &DeTable<'_>, errors: &mut Errors<'_>) -> Policy {
         None => Some(Mode::Enforce),
     }
     .unwrap_or(Mode::Enforce);
+    let reserve = match document.get("reserve") {
+        None => true,
+        Some(value) => match value.get_ref() {
+            DeValue::Boolean(reserve) => *reserve,
+            other => {
+                errors.push(
+                    value.span(),
+                    format!(
+                        "`reserve` must be true or false, found {}",
+                        type_name(other)
+                    ),
+                );
+                true
+            }
+        },
+    };
 
     let mut scopes = vec![];
     match document
@@ -102,7 +118,11 @@ fn parse_document(document: &DeTable<'_>, errors: &mut Errors<'_>) -> Policy {
         ),
     }
     cross_check(&scopes, errors);
-    Policy { mode, scopes }
+    Policy {
+        mode,
+        reserve,
+        scopes,
+    }
 }
 
 fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>) -> Option<Scope> {
