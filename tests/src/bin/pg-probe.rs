@@ -85,24 +85,7 @@ fn main() {
                 let proto = next();
                 let port: u16 = next().parse().expect("port");
                 let fd = socket(proto);
-                let addr = loopback(port);
-                // SAFETY: valid fd, buffer and address.
-                let sent = unsafe {
-                    libc::sendto(
-                        fd,
-                        b"x".as_ptr().cast(),
-                        1,
-                        0,
-                        (&raw const addr).cast(),
-                        size_of::<libc::sockaddr_in>() as u32,
-                    )
-                };
-                let result = if sent < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(local_port(fd))
-                };
-                report(op, proto, result, None);
+                report(op, proto, send_to(fd, port), None);
                 kept.push(Some(fd));
             }
             "bind-loop" => {
@@ -201,24 +184,7 @@ fn main() {
                 let index: usize = next().parse().expect("index");
                 let port: u16 = next().parse().expect("port");
                 let fd = kept[index].expect("socket closed");
-                let addr = loopback(port);
-                // SAFETY: valid fd, buffer and address.
-                let sent = unsafe {
-                    libc::sendto(
-                        fd,
-                        b"x".as_ptr().cast(),
-                        1,
-                        0,
-                        (&raw const addr).cast(),
-                        size_of::<libc::sockaddr_in>() as u32,
-                    )
-                };
-                let result = if sent < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(local_port(fd))
-                };
-                report(op, "udp", result, None);
+                report(op, "udp", send_to(fd, port), None);
             }
             "close" => {
                 let index: usize = next().parse().expect("index");
@@ -274,6 +240,26 @@ fn loopback(port: u16) -> libc::sockaddr_in {
         },
         sin_zero: [0; 8],
     }
+}
+
+/// Sends one byte to 127.0.0.1:`port` and returns the socket's local port.
+fn send_to(fd: RawFd, port: u16) -> io::Result<u16> {
+    let addr = loopback(port);
+    // SAFETY: valid fd, buffer and address.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            b"x".as_ptr().cast(),
+            1,
+            0,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(local_port(fd))
 }
 
 fn bind(fd: RawFd, port: u16) -> io::Result<()> {
