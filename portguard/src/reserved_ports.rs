@@ -6,7 +6,7 @@ use std::{fs, io, os::fd::AsRawFd as _};
 
 use portguard_common::PortBitmap;
 
-use crate::policy::PortRange;
+use crate::policy::{PortRange, read_sysctl};
 
 const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 /// Daemons sharing a network namespace each edit the one sysctl: read-modify-write under a lock.
@@ -17,7 +17,7 @@ const LOCK: &str = "/run/portguard-reserved-ports.lock";
 /// and is left alone when no longer wanted. Returns the ports added and removed.
 pub fn apply(wanted: &PortBitmap, ours: &mut PortBitmap) -> io::Result<(u32, u32)> {
     let _lock = Lock::take()?;
-    let current = fs::read_to_string(SYSCTL)?;
+    let current = read_sysctl(SYSCTL)?;
     let mut reserved = parse(&current)?;
     let (next, added, removed) = plan(&reserved, wanted, ours);
     reserved = next;

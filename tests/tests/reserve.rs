@@ -16,7 +16,13 @@ const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 const LOCK: &str = "/run/portguard-reserved-ports.lock";
 
 fn reserved() -> BTreeSet<u16> {
-    let text = fs::read_to_string(SYSCTL).expect("read sysctl");
+    // One large read: this sysctl only answers a read at offset 0.
+    use std::io::Read as _;
+    let mut buffer = vec![0u8; 512 * 1024];
+    let read = fs::File::open(SYSCTL)
+        .and_then(|mut f| f.read(&mut buffer))
+        .expect("read sysctl");
+    let text = String::from_utf8_lossy(&buffer[..read]).into_owned();
     let mut ports = BTreeSet::new();
     for part in text.trim().split(',').filter(|p| !p.is_empty()) {
         let (lo, hi) = part.split_once('-').unwrap_or((part, part));

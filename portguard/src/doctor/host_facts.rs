@@ -26,7 +26,7 @@ impl HostFacts {
     pub fn read() -> io::Result<Self> {
         let ports = HostPorts::read()?;
         let unprivileged_port_start =
-            fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")?
+            crate::policy::read_sysctl("/proc/sys/net/ipv4/ip_unprivileged_port_start")?
                 .trim()
                 .parse()
                 .map_err(|_| {

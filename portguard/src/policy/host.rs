@@ -16,8 +16,8 @@ pub struct HostPorts {
 
 impl HostPorts {
     pub fn read() -> io::Result<Self> {
-        let range = fs::read_to_string(LOCAL_PORT_RANGE)?;
-        let reserved = fs::read_to_string(RESERVED_PORTS)?;
+        let range = read_sysctl(LOCAL_PORT_RANGE)?;
+        let reserved = read_sysctl(RESERVED_PORTS)?;
         Self::parse(&range, &reserved)
             .map_err(|message| io::Error::new(io::ErrorKind::InvalidData, message))
     }
@@ -45,6 +45,18 @@ impl HostPorts {
             reserved,
         })
     }
+}
+
+/// Reads a sysctl file in one read: some handlers (ip_local_reserved_ports among them) only
+/// answer a read at offset 0, so the small first read of `read_to_string` truncates them.
+pub fn read_sysctl(path: &str) -> io::Result<String> {
+    use std::io::Read as _;
+    // The longest reserved-ports value (every other port) is under 400 KiB.
+    let mut buffer = vec![0u8; 512 * 1024];
+    let read = fs::File::open(path)?.read(&mut buffer)?;
+    buffer.truncate(read);
+    String::from_utf8(buffer)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{path} is not text")))
 }
 
 /// Warnings for scope ranges the kernel's own allocator may also use, or that other services

@@ -11,7 +11,7 @@ mod selector;
 use std::fmt;
 
 pub use compile::{CompiledPolicy, compile};
-pub use host::{HostPorts, host_warnings};
+pub use host::{HostPorts, host_warnings, read_sysctl};
 pub use parse::parse;
 pub use range::PortRange;
 pub use scope_ids::assign_ids;
