@@ -133,6 +133,40 @@ fn fs_magic(path: &Path) -> io::Result<libc::c_long> {
     Ok(stat.f_type as libc::c_long)
 }
 
+/// An exclusive lock on a pin directory: one daemon (or uninstall) per installation. Held until
+/// dropped.
+pub struct PinLock {
+    _dir: fs::File,
+}
+
+impl PinLock {
+    /// Takes the lock, or says who holds it. Nothing of the installation may be touched before.
+    pub fn take(pins: &Path) -> io::Result<Self> {
+        let dir = fs::File::open(pins)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::WouldBlock {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "another portguard daemon (or uninstall) is using {}",
+                        pins.display()
+                    ),
+                ));
+            }
+            return Err(error);
+        }
+        Ok(Self { _dir: dir })
+    }
+}
+
 /// Whether `dir` is a directory of a cgroup v2 file system.
 pub fn is_cgroup2_dir(dir: &Path) -> io::Result<bool> {
     const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;

@@ -135,10 +135,18 @@ impl CgroupWatch {
                 break;
             }
         }
+        let mut unwatched = false;
         for change in &changes {
-            if let Change::Created(dir) = change {
-                self.watch_tree(dir)?;
+            if let Change::Created(dir) = change
+                && let Err(error) = self.watch_tree(dir)
+            {
+                // Out of watches (max_user_watches): the periodic walk still finds cgroups.
+                log::error!("cannot watch new cgroup {}: {error}", dir.display());
+                unwatched = true;
             }
+        }
+        if unwatched {
+            changes.push(Change::Overflow);
         }
         Ok(changes)
     }

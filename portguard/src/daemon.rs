@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    cgroup::{Cgroup2Mount, is_cgroup2_dir, prepare_pin_dir},
+    cgroup::{Cgroup2Mount, PinLock, is_cgroup2_dir, prepare_pin_dir},
     cgroup_watch::{CgroupWatch, Change},
     cli::DaemonArgs,
     control::{self, Access},
@@ -60,6 +60,9 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     }
     prepare_pin_dir(&args.pin_path)
         .with_context(|| format!("preparing the pin directory {}", args.pin_path.display()))?;
+    // Before anything of the installation is read or written: a second daemon on the same pins
+    // must change nothing.
+    let _pin_lock = PinLock::take(&args.pin_path).context("not starting")?;
     let mut enforcer =
         Enforcer::load(args.events_buffer, &args.pin_path).context("loading the eBPF programs")?;
     // Scope ids survive restarts: an adopted map keeps each scope's cgroups and counters.
@@ -322,6 +325,7 @@ impl Running {
             }
         };
         warn_about_host(&policy, &self.enforcer.reserved()?);
+        lock(&self.state)?.reset_new_ids(&ids);
         self.enforcer
             .apply(&compiled)
             .context("reload: writing the new policy into the kernel maps")?;

@@ -125,29 +125,26 @@ impl LiveState {
             last_reload: None,
         };
         // At start the counters are either fresh or adopted from an earlier daemon: keep them.
-        state.install_policy(policy_name, policy, ids, false);
+        state.replace_policy(policy_name, policy, ids);
         state
     }
 
-    /// Switches to a new policy: scopes kept by name keep their peak and last event; scopes with
-    /// a new id start from zeroed counters.
-    pub fn replace_policy(&mut self, policy_name: String, policy: &Policy, ids: &[u32]) {
-        self.install_policy(policy_name, policy, ids, true);
+    /// Zeroes the counters of ids that no running scope has: called before a new policy's
+    /// rules go live, so a scope given a reused id starts from zero and keeps its first counts.
+    pub fn reset_new_ids(&mut self, ids: &[u32]) {
+        for &id in ids {
+            if !self.scopes.iter().any(|scope| scope.id == id) {
+                self.stats.reset(id);
+            }
+        }
     }
 
-    fn install_policy(
-        &mut self,
-        policy_name: String,
-        policy: &Policy,
-        ids: &[u32],
-        reset_new: bool,
-    ) {
+    /// Switches to a new policy: scopes kept by name keep their peak and last event. (Counters of
+    /// ids new to the running policy were zeroed before its rules went live: `reset_new_ids`.)
+    pub fn replace_policy(&mut self, policy_name: String, policy: &Policy, ids: &[u32]) {
         let old = std::mem::take(&mut self.scopes);
         for (scope, &id) in policy.scopes.iter().zip(ids) {
             let kept = old.iter().find(|o| o.id == id);
-            if kept.is_none() && reset_new {
-                self.stats.reset(id);
-            }
             self.scopes.push(ScopeLive {
                 id,
                 name: scope.name.clone(),

@@ -15,9 +15,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use portguard_common::{
-    ALL_PROGRAMS, Config, MAP_BIND_ALLOW, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_LOST_EVENTS,
-    MAP_PORT_OWNER, MAP_RESERVED, MAP_RULES, MAP_SCOPE_BY_CGROUP, MAP_SCOPE_NAMES, MAX_SCOPES,
-    NO_OWNER, PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
+    ALL_MAPS, ALL_PROGRAMS, Config, MAP_BIND_ALLOW, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS,
+    MAP_LOST_EVENTS, MAP_PORT_OWNER, MAP_RESERVED, MAP_RULES, MAP_SCOPE_BY_CGROUP, MAP_SCOPE_NAMES,
+    MAX_SCOPES, NO_OWNER, PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
 };
 
 use crate::{live_state::KernelStats, policy::CompiledPolicy};
@@ -81,7 +81,8 @@ impl Enforcer {
     /// Maps are pinned in `pins` (a bpffs directory): existing pins are adopted, with the state
     /// an earlier daemon left in them.
     pub fn load(events_bytes: u32, pins: &Path) -> Result<Self, LoadError> {
-        let adopted = pins.join(MAP_CONFIG).exists();
+        // Any pinned map means state to adopt (aya reuses every pin it finds).
+        let adopted = ALL_MAPS.iter().any(|map| pins.join(map).exists());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins)
             .map_max_entries(MAP_EVENTS, events_bytes)
@@ -173,6 +174,18 @@ impl Enforcer {
         self.write_config()
     }
 
+    /// Widens the cgroup levels the programs walk to cover `levels` as well. Used before
+    /// narrowing, so that a walk change never passes through one covering neither (a program
+    /// may read the value half-written).
+    pub fn widen_walk(&mut self, levels: Option<(u32, u32)>) -> Result<(), LoadError> {
+        let wider = match (self.walk, levels) {
+            (Some((lo, hi)), Some((new_lo, new_hi))) => Some((lo.min(new_lo), hi.max(new_hi))),
+            (walk, None) => walk,
+            (None, levels) => levels,
+        };
+        self.set_walk(wider)
+    }
+
     /// Sets the cgroup levels the programs walk: those of the shallowest and deepest cgroup
     /// mapped to a scope, or none.
     pub fn set_walk(&mut self, levels: Option<(u32, u32)>) -> Result<(), LoadError> {
@@ -258,7 +271,7 @@ impl Enforcer {
                 _ => return Err(LoadError::MissingProgram(name)),
             };
             // bpffs refuses names with a dot.
-            let staged = pins.join(format!("link_{name}_staged_{}", std::process::id()));
+            let staged = pins.join(format!("link_{name}_staged_{}", staging_suffix()));
             let pinned = link.pin(&staged).map_err(|source| LoadError::Pin {
                 path: staged.display().to_string(),
                 source: std::io::Error::other(source),
@@ -392,6 +405,14 @@ impl Enforcer {
     }
 }
 
+/// A suffix no earlier daemon used (a daemon that is always PID 1 in its container must not
+/// collide with its own leftovers).
+fn staging_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos())
+}
+
 /// The links of program `name` an earlier daemon pinned in `pins` (a crash may leave a staged
 /// one beside the final one).
 fn earlier_links(pins: &Path, name: &str) -> Result<Vec<(PathBuf, PinnedLink)>, LoadError> {
@@ -446,11 +467,30 @@ pub fn uninstall(pins: &Path) -> Result<(usize, usize), LoadError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
         Err(source) => return Err(pin_error(source)),
     };
-    let (links, maps): (Vec<PathBuf>, Vec<PathBuf>) = entries.into_iter().partition(|path| {
+    let name = |path: &PathBuf| {
         path.file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("link_"))
-    });
+            .unwrap_or("")
+            .to_owned()
+    };
+    let is_link = |file: &str| {
+        ALL_PROGRAMS.iter().any(|program| {
+            let pin = format!("link_{program}");
+            file == pin || file.starts_with(&format!("{pin}_staged_"))
+        })
+    };
+    // Only what portguard pins: a pin path shared with other tools must not lose their pins.
+    if let Some(foreign) = entries
+        .iter()
+        .find(|path| !is_link(&name(path)) && !ALL_MAPS.contains(&name(path).as_str()))
+    {
+        return Err(pin_error(std::io::Error::other(format!(
+            "{} is not portguard's; not removing anything",
+            foreign.display()
+        ))));
+    }
+    let (links, maps): (Vec<PathBuf>, Vec<PathBuf>) =
+        entries.into_iter().partition(|path| is_link(&name(path)));
     for path in &links {
         let link = PinnedLink::from_pin(path).map_err(|source| LoadError::Link {
             name: "pinned",

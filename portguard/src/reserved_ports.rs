@@ -10,7 +10,10 @@ use crate::policy::{PortRange, read_sysctl};
 
 const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 /// Daemons sharing a network namespace each edit the one sysctl: read-modify-write under a lock.
-const LOCK: &str = "/run/portguard-reserved-ports.lock";
+/// Under the runtime directory, which the systemd unit keeps writable and the DaemonSet shares
+/// with the host.
+const LOCK_DIR: &str = "/run/portguard";
+const LOCK: &str = "/run/portguard/reserved-ports.lock";
 
 /// Makes the ports portguard reserves equal `wanted`. `ours` holds the ports portguard added
 /// earlier (and is updated): a wanted port that someone else had already reserved is not ours,
@@ -18,20 +21,20 @@ const LOCK: &str = "/run/portguard-reserved-ports.lock";
 pub fn apply(wanted: &PortBitmap, ours: &mut PortBitmap) -> io::Result<(u32, u32)> {
     let _lock = Lock::take()?;
     let current = read_sysctl(SYSCTL)?;
-    let mut reserved = parse(&current)?;
-    let (next, added, removed) = plan(&reserved, wanted, ours);
-    reserved = next;
-    let text = format(&reserved);
+    let reserved = parse(&current)?;
+    // Plan on a copy: the record of our ports changes only once the sysctl did.
+    let mut next_ours = *ours;
+    let (next, added, removed) = plan(&reserved, wanted, &mut next_ours);
+    let text = format(&next);
     if text != current.trim() {
-        fs::write(
-            SYSCTL,
-            if text.is_empty() {
-                "\n".to_owned()
-            } else {
-                text
-            },
-        )?;
+        let text = if text.is_empty() {
+            "\n".to_owned()
+        } else {
+            text
+        };
+        fs::write(SYSCTL, text)?;
     }
+    *ours = next_ours;
     Ok((added, removed))
 }
 
@@ -113,6 +116,7 @@ struct Lock {
 
 impl Lock {
     fn take() -> io::Result<Self> {
+        fs::create_dir_all(LOCK_DIR)?;
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)

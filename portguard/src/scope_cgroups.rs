@@ -74,17 +74,25 @@ impl ScopeCgroups {
     /// Walks everything below the attach point and brings the kernel map in line with it.
     pub fn sync(&mut self, enforcer: &mut Enforcer) -> Result<(), LoadError> {
         let mut desired = BTreeMap::new();
-        self.select_below(&self.attach_at.clone(), &mut desired);
-        self.apply(desired, |_| true, enforcer)
+        let unread = self.select_below(&self.attach_at.clone(), &mut desired);
+        self.apply(
+            desired,
+            |path| !unread.iter().any(|u| under(path, Some(u))),
+            enforcer,
+        )
     }
 
     /// A directory appeared at `dir` (absolute): map it and whatever was created inside it
     /// before its watch was in place.
     pub fn created(&mut self, dir: &Path, enforcer: &mut Enforcer) -> Result<(), LoadError> {
         let mut desired = BTreeMap::new();
-        self.select_below(dir, &mut desired);
+        let unread = self.select_below(dir, &mut desired);
         let prefix = self.relative(dir);
-        self.apply(desired, |path| under(path, prefix.as_deref()), enforcer)
+        self.apply(
+            desired,
+            |path| under(path, prefix.as_deref()) && !unread.iter().any(|u| under(path, Some(u))),
+            enforcer,
+        )
     }
 
     /// The directory at `dir` (absolute) went away, with everything below it.
@@ -152,15 +160,25 @@ impl ScopeCgroups {
             if self.mapped.get(path) == Some(want) {
                 continue;
             }
-            enforcer.add_scope_cgroup(want.cgroup_id, want.scope_id)?;
+            // A full map must not stop the daemon: that cgroup stays unscoped, loudly.
+            if let Err(error) = enforcer.add_scope_cgroup(want.cgroup_id, want.scope_id) {
+                log::error!("cannot scope cgroup {path}: {error}; it stays unscoped");
+                continue;
+            }
             let name = self.scope_name(want.scope_id);
             log::info!(
                 "scope {name}: cgroup {path} (id {}) enforced",
                 want.cgroup_id
             );
-            self.mapped.insert(path.clone(), *want);
+            // The same path with a new id is a re-created cgroup: the old id goes.
+            if let Some(old) = self.mapped.insert(path.clone(), *want)
+                && old.cgroup_id != want.cgroup_id
+            {
+                enforcer.remove_scope_cgroup(old.cgroup_id)?;
+            }
         }
-        enforcer.set_walk(levels(self.mapped.values()))?;
+        // Widen first, narrow after the removals: the walk never skips a level in between.
+        enforcer.widen_walk(levels(self.mapped.values()))?;
         let stale: Vec<String> = self
             .mapped
             .keys()
@@ -182,8 +200,10 @@ impl ScopeCgroups {
         enforcer.set_walk(levels(self.mapped.values()))
     }
 
-    /// Adds to `desired` every cgroup at or below `dir` that a scope selects.
-    fn select_below(&self, dir: &Path, desired: &mut BTreeMap<String, Mapped>) {
+    /// Adds to `desired` every cgroup at or below `dir` that a scope selects, and returns the
+    /// directories (relative) it could not read: their entries must not be taken for gone.
+    fn select_below(&self, dir: &Path, desired: &mut BTreeMap<String, Mapped>) -> Vec<String> {
+        let mut unread = vec![];
         let mut pending = vec![dir.to_path_buf()];
         while let Some(dir) = pending.pop() {
             if let Some(relative) = self.relative(&dir)
@@ -206,7 +226,10 @@ impl ScopeCgroups {
                         );
                     }
                     Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
-                    Err(error) => log::warn!("cannot read cgroup {}: {error}", dir.display()),
+                    Err(error) => {
+                        log::warn!("cannot read cgroup {}: {error}", dir.display());
+                        unread.extend(self.relative(&dir));
+                    }
                 }
             }
             match fs::read_dir(&dir) {
@@ -217,9 +240,13 @@ impl ScopeCgroups {
                         .map(|entry| entry.path()),
                 ),
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => log::warn!("cannot list cgroup {}: {error}", dir.display()),
+                Err(error) => {
+                    log::warn!("cannot list cgroup {}: {error}", dir.display());
+                    unread.extend(self.relative(&dir));
+                }
             }
         }
+        unread
     }
 
     /// `dir` relative to the cgroup2 mount, or None for the mount itself or a path outside it.

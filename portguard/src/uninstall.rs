@@ -5,13 +5,18 @@ use std::{path::Path, process::ExitCode};
 use anyhow::{Context as _, bail};
 use portguard_common::PortBitmap;
 
-use crate::{loader, reserved_ports};
+use crate::{cgroup::PinLock, loader, reserved_ports};
 
 pub fn run(pins: &Path, cgroup: Option<&Path>) -> anyhow::Result<ExitCode> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("portguard uninstall must run as root: it removes BPF pins");
     }
+    if !pins.exists() {
+        println!("nothing to remove: {} does not exist", pins.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let lock = PinLock::take(pins).context("stop the daemon first")?;
     // Give the reserved ports back first: the record of which ones are ours is a pinned map.
     if let Some(mut ours) = loader::pinned_reservation(pins)? {
         let (_, removed) = reserved_ports::apply(&PortBitmap::EMPTY, &mut ours)
@@ -20,6 +25,7 @@ pub fn run(pins: &Path, cgroup: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
     let (links, maps) = loader::uninstall(pins)
         .with_context(|| format!("removing portguard's pins in {}", pins.display()))?;
+    drop(lock);
     println!(
         "removed {links} link(s) and {maps} map(s) from {}",
         pins.display()

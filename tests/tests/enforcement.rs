@@ -621,3 +621,41 @@ fn a_bad_policy_never_starts_and_attaches_nothing() {
     assert!(log.contains("not starting"), "{log}");
     assert_eq!(portguard_programs(&cgroup.root), [0, 0, 0, 0, 0]);
 }
+
+#[test]
+fn a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing() {
+    if !privileged("a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing") {
+        return;
+    }
+    let cgroup = TestCgroup::new("twice");
+    let web = cgroup.child("web");
+    let first = Daemon::start(
+        &cgroup,
+        &policy("enforce", &[("web", &cgroup.rel("web"), "21950-21959", "")]),
+    );
+    // Same pin path, a policy with no scopes: had it touched the maps, web would be unscoped.
+    let second = Daemon::spawn(&cgroup, "mode = \"observe\"\n", &[]);
+    let (code, log) = second.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("another portguard daemon (or uninstall) is using"),
+        "{log}"
+    );
+    let r = probe(&web, &["bind", "tcp", "0"]);
+    assert!(
+        in_range(port(&r[0]), 21950, 21959),
+        "still enforced: {}",
+        r[0]
+    );
+    assert_eq!(first.status()["scopes"][0]["name"], "web");
+    // Nor may uninstall pull the pins from under a running daemon.
+    let out = std::process::Command::new(portguard_tests::portguard_bin())
+        .arg("uninstall")
+        .arg("--pin-path")
+        .arg(cgroup.pin_path())
+        .output()
+        .expect("run uninstall");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop the daemon first"));
+    assert_eq!(portguard_programs(&cgroup.root), [1, 1, 1, 1, 1]);
+}

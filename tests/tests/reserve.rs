@@ -13,7 +13,7 @@ use std::{
 use portguard_tests::{Daemon, TestCgroup, portguard_bin, privileged};
 
 const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-const LOCK: &str = "/run/portguard-reserved-ports.lock";
+const LOCK: &str = "/run/portguard/reserved-ports.lock";
 
 fn reserved() -> BTreeSet<u16> {
     // One large read: this sysctl only answers a read at offset 0.
@@ -33,6 +33,7 @@ fn reserved() -> BTreeSet<u16> {
 
 /// Adds or removes `port` from the sysctl the way another administrator would, under the lock.
 fn edit(port: u16, add: bool) {
+    fs::create_dir_all("/run/portguard").expect("runtime directory");
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
