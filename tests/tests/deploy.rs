@@ -18,7 +18,7 @@ fn systemd_unit_verifies_and_notifies() {
         "Type=notify",
         "ExecReload=/usr/local/bin/portguard reload",
         "Restart=on-failure",
-        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN CAP_PERFMON",
+        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN",
     ] {
         assert!(unit.lines().any(|l| l == line), "unit lacks `{line}`");
     }
@@ -101,7 +101,7 @@ fn daemonset_is_well_formed_and_its_policy_is_valid() {
         .iter()
         .map(|c| c.as_str().expect("capability"))
         .collect();
-    assert_eq!(added, ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"]);
+    assert_eq!(added, ["BPF", "NET_ADMIN", "SYS_ADMIN"]);
 
     // Every mount has its volume, and the daemon gets cgroups, bpffs and its policy.
     let volumes: Vec<&str> = pod["volumes"]
