@@ -12,6 +12,7 @@ mod event_log;
 mod events;
 mod live_state;
 mod loader;
+mod pins;
 mod policy;
 mod policy_file;
 mod protocol;

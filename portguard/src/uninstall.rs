@@ -5,7 +5,7 @@ use std::{path::Path, process::ExitCode};
 use anyhow::{Context as _, bail};
 use portguard_common::PortBitmap;
 
-use crate::{cgroup::PinLock, loader, reserved_ports};
+use crate::{cgroup::PinLock, pins, reserved_ports};
 
 pub fn run(pins: &Path, cgroup: Option<&Path>) -> anyhow::Result<ExitCode> {
     // SAFETY: geteuid has no preconditions.
@@ -18,12 +18,12 @@ pub fn run(pins: &Path, cgroup: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
     let lock = PinLock::take(pins).context("stop the daemon first")?;
     // Give the reserved ports back first: the record of which ones are ours is a pinned map.
-    if let Some(mut ours) = loader::pinned_reservation(pins)? {
+    if let Some(mut ours) = pins::pinned_reservation(pins)? {
         let (_, removed) = reserved_ports::apply(&PortBitmap::EMPTY, &mut ours)
             .context("restoring net.ipv4.ip_local_reserved_ports")?;
         println!("returned {removed} reserved port(s) to net.ipv4.ip_local_reserved_ports");
     }
-    let (links, maps) = loader::uninstall(pins)
+    let (links, maps) = pins::uninstall(pins)
         .with_context(|| format!("removing portguard's pins in {}", pins.display()))?;
     drop(lock);
     println!(
@@ -31,7 +31,7 @@ pub fn run(pins: &Path, cgroup: Option<&Path>) -> anyhow::Result<ExitCode> {
         pins.display()
     );
     if let Some(cgroup) = cgroup {
-        let left = loader::attached_portguard_programs(cgroup)
+        let left = pins::attached_portguard_programs(cgroup)
             .with_context(|| format!("checking {}", cgroup.display()))?;
         if left > 0 {
             bail!(
