@@ -395,13 +395,18 @@ fn a_killed_daemon_leaves_enforcement_in_place_and_a_new_one_adopts_it() {
     let web = cgroup.child("web");
     let text = policy("enforce", &[("web", &cgroup.rel("web"), "21800-21809", "")]);
     let first = Daemon::start(&cgroup, &text);
-    // A child keeps binding port 0 through the kill and the restart.
+    // A child keeps connecting new sockets through the kill and the restart.
+    let peers = portguard_tests::Peers::new();
+    let udp = peers.udp_port();
     let stop = std::env::temp_dir().join(format!("{}-stop", cgroup.relative));
     let child = {
         let (web, stop) = (web.clone(), stop.clone());
         std::thread::spawn(move || {
             let stop = stop.to_str().expect("utf-8 path").to_owned();
-            probe(&web, &["bind0-until", &stop, "udp", "21800", "21809"])
+            probe(
+                &web,
+                &["connect-until", &stop, &udp, "udp", "21800", "21809"],
+            )
         })
     };
     std::thread::sleep(Duration::from_millis(200));

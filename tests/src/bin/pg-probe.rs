@@ -18,6 +18,8 @@
 //!                              got a port outside LO-HI and how many failed
 //!   bind0-until FILE tcp|udp LO HI
 //!                              the same until FILE exists (60 s at most), reporting the count
+//!   connect-until FILE PORT tcp|udp LO HI
+//!                              the same with connect() of new sockets to 127.0.0.1:PORT
 //!   hold FILE                  print {"op":"hold"} and wait (30 s at most) until FILE exists
 //! Each result: {"op":..,"proto":..,"port":local port or 0,"errno":0 or the errno,"count":..}
 
@@ -133,8 +135,11 @@ fn main() {
                 );
                 kept.push(Some(fd));
             }
-            "bind0-loop" | "bind0-until" => {
-                let stop_file = (op == "bind0-until").then(|| next().to_owned());
+            "bind0-loop" | "bind0-until" | "connect-until" => {
+                let stop_file = (op != "bind0-loop").then(|| next().to_owned());
+                // connect-until connects each new socket to this port instead of binding it.
+                let connect_to: Option<u16> =
+                    (op == "connect-until").then(|| next().parse().expect("port"));
                 let proto = next();
                 let times: usize = if stop_file.is_some() {
                     usize::MAX
@@ -154,7 +159,11 @@ fn main() {
                     }
                     done += 1;
                     let fd = socket(proto);
-                    match bind(fd, 0) {
+                    let taken = match connect_to {
+                        Some(port) => connect(fd, port),
+                        None => bind(fd, 0),
+                    };
+                    match taken {
                         Ok(()) if !(lo..=hi).contains(&local_port(fd)) => outside += 1,
                         Ok(()) => {}
                         Err(_) => failures += 1,
