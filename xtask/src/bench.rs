@@ -12,6 +12,7 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -64,6 +65,12 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             runs.push(run);
         }
     }
+    let new_cgroup =
+        new_cgroup_latency(&bins, if quick { 5 } else { 50 }).context("new-cgroup latency")?;
+    eprintln!(
+        "xtask: a new scope cgroup was enforced {:.1} ms (median) after its mkdir",
+        median(&new_cgroup)
+    );
     let all: Vec<&EventRun> = paced.iter().chain(&unpaced).collect();
     let field = |runs: &[&EventRun], f: fn(&EventRun) -> f64| -> Vec<f64> {
         runs.iter().map(|r| f(r)).collect()
@@ -103,6 +110,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         "daemon": {
             "ready_ms": summary(&ready),
             "idle_rss_kib": summary(&idle),
+            "new_cgroup_enforced_ms": summary(&new_cgroup),
         },
     });
     // A smoke run must not overwrite the measured results that the README quotes.
@@ -125,7 +133,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         )
     };
     let markdown = format!(
-        "Target: {TARGET_EVENTS_PER_S} events/s with zero loss — {}.\n\n| measure | median | min | max |\n|---|---|---|---|\n{}| events lost at that pace, all runs | {paced_lost} | | |\n{}| events lost flat out, all runs | {unpaced_lost} | | |\n{}{}{}{}\n{}; {} repetition(s) of {} events per variant, default ring buffer.\n",
+        "Target: {TARGET_EVENTS_PER_S} events/s with zero loss — {}.\n\n| measure | median | min | max |\n|---|---|---|---|\n{}| events lost at that pace, all runs | {paced_lost} | | |\n{}| events lost flat out, all runs | {unpaced_lost} | | |\n{}{}{}{}{}\n{}; {} repetition(s) of {} events per variant, default ring buffer.\n",
         if target_met {
             "met".to_owned()
         } else {
@@ -144,6 +152,11 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         row("daemon peak RSS (KiB)", &peak, fmt0),
         row("daemon start to `ready` (ms)", &ready, fmt0),
         row("daemon idle RSS (KiB)", &idle, fmt0),
+        row(
+            "new scope cgroup enforced after mkdir (ms; target 100)",
+            &new_cgroup,
+            fmt2
+        ),
         machine["description"].as_str().unwrap_or_default(),
         repetitions,
         iterations,
@@ -170,46 +183,16 @@ fn event_run(bins: &Path, iterations: usize, pace: Option<u32>) -> anyhow::Resul
     let cgroup = BenchCgroup::new()?;
     let scope_dir = cgroup.path.join("web");
     fs::create_dir(&scope_dir)?;
-    let socket = std::env::temp_dir().join(format!("portguard-bench-{}.sock", std::process::id()));
-    let policy = std::env::temp_dir().join(format!("portguard-bench-{}.toml", std::process::id()));
-    fs::write(
-        &policy,
-        format!(
+    let started = Instant::now();
+    let (daemon, socket, _log) = start_daemon(
+        bins,
+        &cgroup,
+        &format!(
             "[[scope]]\nname = \"web\"\ncgroup = \"{}/web\"\nephemeral = \"23000-23099\"\n",
             cgroup.relative
         ),
     )?;
-    let started = Instant::now();
-    let mut daemon = Daemon(
-        Command::new(bins.join("portguard"))
-            .arg("daemon")
-            .arg("--policy")
-            .arg(&policy)
-            .arg("--cgroup")
-            .arg(&cgroup.path)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--pin-path")
-            .arg(cgroup.pin_path())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the daemon")?,
-    );
-    let stderr = daemon.0.stderr.take().context("daemon stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        let line = lines
-            .next()
-            .context("the daemon exited before `ready`")?
-            .context("reading the daemon's log")?;
-        if line.ends_with("] ready") {
-            break;
-        }
-    }
     let ready_ms = started.elapsed().as_secs_f64() * 1000.0;
-    // Keep draining the log so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
     std::thread::sleep(Duration::from_millis(200));
     let pid = daemon.0.id();
     let idle_rss_kib = proc_status(pid, "VmRSS:")?;
@@ -264,8 +247,69 @@ fn event_run(bins: &Path, iterations: usize, pace: Option<u32>) -> anyhow::Resul
     // SAFETY: sysconf has no preconditions.
     let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let daemon_cpu_share = (cpu_after - cpu_before) as f64 / ticks_per_s / flood.as_secs_f64();
+    stop_daemon(bins, daemon, &cgroup)?;
+    Ok(EventRun {
+        events_per_s: iterations as f64 / flood.as_secs_f64(),
+        lost,
+        daemon_cpu_share,
+        peak_rss_kib,
+        idle_rss_kib,
+        ready_ms,
+    })
+}
+
+/// A daemon's log lines, each with the moment it was read.
+type LogLines = mpsc::Receiver<(Instant, String)>;
+
+/// Starts the release daemon attached at `cgroup` with `policy`, waits for `ready`, and returns
+/// it, its control socket, and its log lines as they arrive, each with the moment it was read.
+fn start_daemon(
+    bins: &Path,
+    cgroup: &BenchCgroup,
+    policy: &str,
+) -> anyhow::Result<(Daemon, PathBuf, LogLines)> {
+    let socket = std::env::temp_dir().join(format!("{}.sock", cgroup.relative));
+    let policy_file = std::env::temp_dir().join(format!("{}.toml", cgroup.relative));
+    fs::write(&policy_file, policy)?;
+    let mut daemon = Daemon(
+        Command::new(bins.join("portguard"))
+            .arg("daemon")
+            .arg("--policy")
+            .arg(&policy_file)
+            .arg("--cgroup")
+            .arg(&cgroup.path)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--pin-path")
+            .arg(cgroup.pin_path())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the daemon")?,
+    );
+    let stderr = daemon.0.stderr.take().context("daemon stderr")?;
+    let (lines_tx, lines) = mpsc::channel();
+    // Drains the log so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let (_, line) = lines
+            .recv_timeout(Duration::from_secs(30))
+            .context("the daemon did not get `ready`")?;
+        if line.ends_with("] ready") {
+            return Ok((daemon, socket, lines));
+        }
+    }
+}
+
+/// Stops the daemon and removes the enforcement it leaves pinned.
+fn stop_daemon(bins: &Path, daemon: Daemon, cgroup: &BenchCgroup) -> anyhow::Result<()> {
     drop(daemon);
-    // The daemon leaves enforcement pinned when it stops; the benchmark removes it.
     let uninstall = Command::new(bins.join("portguard"))
         .arg("uninstall")
         .arg("--pin-path")
@@ -278,15 +322,43 @@ fn event_run(bins: &Path, iterations: usize, pace: Option<u32>) -> anyhow::Resul
             String::from_utf8_lossy(&uninstall.stderr)
         );
     }
-    let _ = fs::remove_file(&policy);
-    Ok(EventRun {
-        events_per_s: iterations as f64 / flood.as_secs_f64(),
-        lost,
-        daemon_cpu_share,
-        peak_rss_kib,
-        idle_rss_kib,
-        ready_ms,
-    })
+    Ok(())
+}
+
+/// How long after its mkdir a new cgroup a scope selects is enforced: until the daemon logs
+/// that its kernel map entry is written (inotify, no polling), `samples` times.
+fn new_cgroup_latency(bins: &Path, samples: usize) -> anyhow::Result<Vec<f64>> {
+    let cgroup = BenchCgroup::new()?;
+    fs::create_dir(cgroup.path.join("pods"))?;
+    let (daemon, _, lines) = start_daemon(
+        bins,
+        &cgroup,
+        &format!(
+            "[[scope]]\nname = \"pods\"\ncgroup = \"{}/pods/*\"\nephemeral = \"23200-23299\"\n",
+            cgroup.relative
+        ),
+    )?;
+    let mut latencies = vec![];
+    for sample in 0..samples {
+        let dir = cgroup.path.join(format!("pods/c{sample}"));
+        let needle = format!("pods/c{sample} (id");
+        while lines.try_recv().is_ok() {}
+        let created = Instant::now();
+        fs::create_dir(&dir)?;
+        loop {
+            let (at, line) = lines
+                .recv_timeout(Duration::from_secs(5))
+                .with_context(|| format!("{} was never enforced", dir.display()))?;
+            if line.contains(&needle) && line.contains("enforced") {
+                latencies.push(at.duration_since(created).as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+        fs::remove_dir(&dir)?;
+    }
+    stop_daemon(bins, daemon, &cgroup)?;
+    let _ = fs::remove_dir(cgroup.path.join("pods"));
+    Ok(latencies)
 }
 
 struct Daemon(Child);
@@ -333,6 +405,7 @@ impl BenchCgroup {
 impl Drop for BenchCgroup {
     fn drop(&mut self) {
         let _ = fs::remove_dir(self.path.join("web"));
+        let _ = fs::remove_dir(self.path.join("pods"));
         for _ in 0..50 {
             if fs::remove_dir(&self.path).is_ok() {
                 return;
