@@ -45,12 +45,23 @@ pub fn summary(name: &str, policy: &Policy) -> String {
                 .collect::<Vec<_>>()
                 .join(","),
         };
+        let ports = match scope.block {
+            None => format!(
+                "ephemeral {} ({} ports)",
+                scope.ephemeral,
+                scope.ephemeral.len()
+            ),
+            Some(block) => format!(
+                "pool {} in blocks of {block} ({} cgroups at most)",
+                scope.ephemeral,
+                scope.ephemeral.len() / u32::from(block)
+            ),
+        };
         out += &format!(
-            "  {}: {}, ephemeral {} ({} ports), explicit binds: {}, {}{}\n",
+            "  {}: {}, {}, explicit binds: {}, {}{}\n",
             scope.name,
             scope.selector,
-            scope.ephemeral,
-            scope.ephemeral.len(),
+            ports,
             bind,
             scope.effective_mode(policy.mode),
             if scope.strict { ", strict" } else { "" },

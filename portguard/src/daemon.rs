@@ -92,12 +92,16 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         attach_at.display()
     );
     let mut cgroups = ScopeCgroups::new(&policy, &ids, mount, attach_at.clone());
+    if enforcer.adopted() {
+        // Cgroups of a pool keep the blocks an earlier daemon gave them.
+        cgroups.adopt_instances(&enforcer.scoped_cgroups()?, &kept);
+    }
     cgroups
         .sync(&mut enforcer)
         .context("resolving scope cgroups")?;
     if enforcer.adopted() {
         cgroups
-            .drop_unknown(enforcer.scoped_cgroup_ids()?, &mut enforcer)
+            .drop_unknown(enforcer.scoped_cgroups()?, &mut enforcer)
             .context("reconciling the adopted cgroup map")?;
     }
     cgroups.log_idle();
@@ -301,12 +305,14 @@ impl Running {
         let prepared = PolicySource::choose(self.policy_arg.as_deref())
             .and_then(|source| Ok((source.parse()?, source.name)))
             .and_then(|(policy, name)| {
+                // Pool instances keep their ids too: no scope may be given one.
                 let running: Vec<(String, u32)> = self
                     .policy
                     .scopes
                     .iter()
                     .map(|scope| scope.name.clone())
                     .zip(self.ids.iter().copied())
+                    .chain(self.cgroups.instance_names())
                     .collect();
                 let ids = assign_ids(&running, &policy).map_err(anyhow::Error::msg)?;
                 let compiled = compile(&policy, &ids)?;
@@ -336,8 +342,8 @@ impl Running {
         {
             let mut state = lock(&self.state)?;
             state.replace_policy(name.clone(), &policy, &ids);
-            for (id, held) in self.cgroups.held() {
-                state.set_held(id, held);
+            for held in self.cgroups.held() {
+                state.set_held(held);
             }
             state.set_reload(ReloadOutcome {
                 at: Instant::now(),
@@ -412,8 +418,8 @@ const EVENT_BATCH: usize = 4096;
 /// Tells the live state which cgroups each scope holds.
 fn running_state_held(state: &Mutex<LiveState>, cgroups: &ScopeCgroups) -> anyhow::Result<()> {
     let mut state = lock(state)?;
-    for (id, held) in cgroups.held() {
-        state.set_held(id, held);
+    for held in cgroups.held() {
+        state.set_held(held);
     }
     Ok(())
 }

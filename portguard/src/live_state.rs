@@ -16,8 +16,11 @@ use tokio::sync::broadcast;
 
 use crate::{
     event_log::{op_name, protocol_name, verdict_name},
-    policy::{Mode, Policy},
-    protocol::{EventRecord, LastReload, PROTOCOL_VERSION, ScopeCounters, ScopeStatus, Status},
+    policy::{Mode, Policy, PortRange},
+    protocol::{
+        BlockStatus, EventRecord, LastReload, PROTOCOL_VERSION, ScopeCounters, ScopeStatus, Status,
+    },
+    scope_cgroups::Held,
 };
 
 /// Recent events kept for `portguard events`; memory stays bounded whatever the event rate.
@@ -81,8 +84,12 @@ struct ScopeLive {
     cgroup: String,
     mode: Mode,
     range: [u16; 2],
-    /// The cgroups the scope holds now.
+    /// The cgroups the scope holds now, a pool's blocks, and what a full pool left out.
     held: Vec<String>,
+    blocks: Vec<(String, u32, PortRange)>,
+    exhausted: Vec<String>,
+    /// With a pool: the block size.
+    block: Option<u16>,
     peak: u64,
     last_event: Option<Instant>,
 }
@@ -152,6 +159,9 @@ impl LiveState {
                 mode: scope.effective_mode(policy.mode),
                 range: [scope.ephemeral.lo, scope.ephemeral.hi],
                 held: kept.map_or_else(Vec::new, |k| k.held.clone()),
+                blocks: kept.map_or_else(Vec::new, |k| k.blocks.clone()),
+                exhausted: kept.map_or_else(Vec::new, |k| k.exhausted.clone()),
+                block: scope.block,
                 peak: kept.map_or(0, |k| k.peak),
                 last_event: kept.and_then(|k| k.last_event),
             });
@@ -176,15 +186,32 @@ impl LiveState {
         self.names.clone()
     }
 
-    pub fn set_held(&mut self, scope_id: u32, cgroups: Vec<String>) {
-        if let Some(scope) = self.scopes.iter_mut().find(|s| s.id == scope_id) {
-            scope.held = cgroups;
+    pub fn set_held(&mut self, held: Held) {
+        let Some(scope) = self.scopes.iter_mut().find(|s| s.id == held.scope_id) else {
+            return;
+        };
+        // Events of a pool's instances carry the instance id: decode them to the pool's name.
+        let missing: Vec<u32> = held
+            .blocks
+            .iter()
+            .map(|(_, id, _)| *id)
+            .filter(|id| self.names.get(id) != Some(&scope.name))
+            .collect();
+        if !missing.is_empty() {
+            let mut names = (*self.names).clone();
+            names.extend(missing.into_iter().map(|id| (id, scope.name.clone())));
+            self.names = Arc::new(names);
         }
+        scope.held = held.cgroups;
+        scope.blocks = held.blocks;
+        scope.exhausted = held.exhausted;
     }
 
     /// Records one kernel event received at `at` (read once per batch by the caller).
     pub fn record(&mut self, event: Event, at: SystemTime, now: Instant) {
-        if let Some(scope) = self.scopes.iter_mut().find(|s| s.id == event.scope_id) {
+        if let Some(scope) = self.scopes.iter_mut().find(|s| {
+            s.id == event.scope_id || s.blocks.iter().any(|(_, id, _)| *id == event.scope_id)
+        }) {
             scope.last_event = Some(now);
         }
         if self.history.len() == HISTORY {
@@ -205,7 +232,7 @@ impl LiveState {
         }
         self.peaks_refreshed = Instant::now();
         for scope in &mut self.scopes {
-            if let Ok(counters) = self.stats.counters(scope.id) {
+            if let Ok(counters) = scope_counters(&self.stats, scope) {
                 scope.peak = scope.peak.max(in_use(&counters));
             }
         }
@@ -216,12 +243,23 @@ impl LiveState {
         let now = Instant::now();
         let mut scopes = vec![];
         for scope in &self.scopes {
-            let counters = self.stats.counters(scope.id)?;
+            let counters = scope_counters(&self.stats, scope)?;
+            let mut blocks = vec![];
+            for (cgroup, id, range) in &scope.blocks {
+                blocks.push(BlockStatus {
+                    cgroup: cgroup.clone(),
+                    range: [range.lo, range.hi],
+                    in_use: in_use(&self.stats.counters(*id)?),
+                });
+            }
             scopes.push(ScopeStatus {
                 name: scope.name.clone(),
                 cgroup: scope.cgroup.clone(),
                 active: !scope.held.is_empty(),
                 cgroups: scope.held.clone(),
+                block: scope.block,
+                blocks,
+                pool_exhausted: scope.exhausted.clone(),
                 mode: scope.mode.to_string(),
                 range: scope.range,
                 size: u32::from(scope.range[1]) - u32::from(scope.range[0]) + 1,
@@ -291,6 +329,15 @@ impl LiveState {
     pub fn stats(&self) -> &KernelStats {
         &self.stats
     }
+}
+
+/// A scope's counters: a pool's own row plus those of all its instances.
+fn scope_counters(stats: &KernelStats, scope: &ScopeLive) -> Result<Counters, aya::maps::MapError> {
+    let mut total = stats.counters(scope.id)?;
+    for (_, id, _) in &scope.blocks {
+        total.add(&stats.counters(*id)?);
+    }
+    Ok(total)
 }
 
 /// Sockets holding a port of the range; the per-CPU sum wraps, read as signed.

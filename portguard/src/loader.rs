@@ -2,12 +2,12 @@
 
 use std::{
     fs::{self, File},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, Program, links::FdLink},
 };
 use aya_log::EbpfLogger;
@@ -17,7 +17,11 @@ use portguard_common::{
     MAX_SCOPES, NO_OWNER, PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
 };
 
-use crate::{live_state::KernelStats, pins, policy::CompiledPolicy};
+use crate::{
+    live_state::KernelStats,
+    pins,
+    policy::{CompiledPolicy, PortRange},
+};
 
 /// The programs as built by `build.rs`.
 pub static PROGRAMS_OBJECT: &[u8] =
@@ -69,6 +73,8 @@ pub struct Enforcer {
     walk: Option<(u32, u32)>,
     /// Whether the maps were pinned by an earlier daemon.
     adopted: bool,
+    /// Where the maps are pinned (the counters are reopened from there to reset them).
+    pins: PathBuf,
 }
 
 impl Enforcer {
@@ -101,6 +107,7 @@ impl Enforcer {
             flags: 0,
             walk: None,
             adopted,
+            pins: pins.to_owned(),
         };
         if adopted {
             enforcer.owned_ranges = enforcer.owned_port_ranges()?;
@@ -294,6 +301,78 @@ impl Enforcer {
         Ok(replaced)
     }
 
+    /// Gives cgroup instance `instance` of pool scope `pool` its own block: the pool's rule and
+    /// allow list with the block as range, the block's ports owned by the instance. Written
+    /// before any cgroup points at the instance.
+    pub fn instantiate(
+        &mut self,
+        pool: u32,
+        instance: u32,
+        block: PortRange,
+        name: &str,
+    ) -> Result<(), LoadError> {
+        let rules: Array<_, ScopeRule> = self.map_mut(MAP_RULES)?;
+        let mut rule = rules.get(&pool, 0).map_err(map_error(MAP_RULES))?;
+        rule.range_lo = block.lo;
+        rule.range_hi = block.hi;
+        let mut allow: Array<_, PortBitmap> = self.map_mut(MAP_BIND_ALLOW)?;
+        let list = allow.get(&pool, 0).map_err(map_error(MAP_BIND_ALLOW))?;
+        allow
+            .set(instance, list, 0)
+            .map_err(map_error(MAP_BIND_ALLOW))?;
+        let mut rules: Array<_, ScopeRule> = self.map_mut(MAP_RULES)?;
+        rules.set(instance, rule, 0).map_err(map_error(MAP_RULES))?;
+        self.set_name(instance, name)?;
+        self.set_port_owner(block, instance + 1)
+    }
+
+    /// Returns an instance's block: its ports go to `owner` (the pool's id + 1, or `NO_OWNER`
+    /// when the pool no longer holds them). Called after no cgroup points at the instance.
+    pub fn release_instance(
+        &mut self,
+        owner: u32,
+        instance: u32,
+        block: PortRange,
+    ) -> Result<(), LoadError> {
+        self.set_port_owner(block, owner)?;
+        self.set_name(instance, "")
+    }
+
+    /// Zeroes the counters of `id`, before it is given to a new scope or instance.
+    pub fn reset_counters(&mut self, id: u32) -> Result<(), LoadError> {
+        let data =
+            MapData::from_pin(self.pins.join(MAP_COUNTERS)).map_err(map_error(MAP_COUNTERS))?;
+        let mut stats = KernelStats {
+            counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+                .map_err(map_error(MAP_COUNTERS))?,
+            lost: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(
+                MapData::from_pin(self.pins.join(MAP_LOST_EVENTS))
+                    .map_err(map_error(MAP_LOST_EVENTS))?,
+            ))
+            .map_err(map_error(MAP_LOST_EVENTS))?,
+        };
+        stats.reset(id);
+        Ok(())
+    }
+
+    fn set_port_owner(&mut self, range: PortRange, value: u32) -> Result<(), LoadError> {
+        let mut owner: Array<_, u32> = self.map_mut(MAP_PORT_OWNER)?;
+        for port in range.lo..=range.hi {
+            owner
+                .set(u32::from(port), value, 0)
+                .map_err(map_error(MAP_PORT_OWNER))?;
+        }
+        Ok(())
+    }
+
+    fn set_name(&mut self, id: u32, name: &str) -> Result<(), LoadError> {
+        let mut bytes = [0u8; SCOPE_NAME_BYTES];
+        let len = name.len().min(SCOPE_NAME_BYTES);
+        bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+        let mut names: Array<_, [u8; SCOPE_NAME_BYTES]> = self.map_mut(MAP_SCOPE_NAMES)?;
+        names.set(id, bytes, 0).map_err(map_error(MAP_SCOPE_NAMES))
+    }
+
     /// The ports portguard reserved in the sysctl, as recorded in the pinned map.
     pub fn reserved(&self) -> Result<PortBitmap, LoadError> {
         let map: Array<&MapData, PortBitmap> = self.map(MAP_RESERVED)?;
@@ -324,10 +403,10 @@ impl Enforcer {
         Ok(names)
     }
 
-    /// Cgroup ids in the kernel's cgroup -> scope map (to reconcile an adopted map).
-    pub fn scoped_cgroup_ids(&self) -> Result<Vec<u64>, LoadError> {
+    /// The kernel's cgroup -> scope map (to reconcile an adopted map).
+    pub fn scoped_cgroups(&self) -> Result<Vec<(u64, u32)>, LoadError> {
         let map: HashMap<&MapData, u64, u32> = self.map(MAP_SCOPE_BY_CGROUP)?;
-        map.keys()
+        map.iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_error(MAP_SCOPE_BY_CGROUP))
     }

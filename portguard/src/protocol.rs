@@ -137,6 +137,14 @@ pub struct ScopeStatus {
     pub active: bool,
     /// The cgroups the scope's selector matches now, relative to the cgroup2 root.
     pub cgroups: Vec<String>,
+    /// A pool's block size; each cgroup's block is in `blocks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<BlockStatus>,
+    /// Cgroups a full pool has no block for (they stay unscoped until one frees up).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool_exhausted: Vec<String>,
     pub mode: String,
     pub range: [u16; 2],
     pub size: u32,
@@ -150,6 +158,14 @@ pub struct ScopeStatus {
     pub unsteered: u64,
     /// Seconds since the scope's last event, if it had one.
     pub last_event_age_s: Option<f64>,
+}
+
+/// One cgroup's block of a pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlockStatus {
+    pub cgroup: String,
+    pub range: [u16; 2],
+    pub in_use: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

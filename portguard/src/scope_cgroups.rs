@@ -4,19 +4,24 @@
 //! and removed below the attach point, and a full walk runs at start, on reload and when the
 //! watcher lost track. Changes reach the kernel in an order that never leaves a selected cgroup
 //! unscoped: entries are added before the walk widens to them, removed before it narrows.
+//!
+//! A pool scope gives each cgroup it selects a block of its own: an instance with its own id,
+//! rule and counters, created before the cgroup points at it and returned to the pool after the
+//! cgroup is gone. No block is ever shared; when none is free the cgroup stays unscoped and the
+//! pool reports it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     path::{Path, PathBuf},
 };
 
-use portguard_common::MAX_CGROUP_LEVEL;
+use portguard_common::{MAX_CGROUP_LEVEL, MAX_SCOPES, NO_OWNER};
 
 use crate::{
     cgroup::{Cgroup2Mount, cgroup_id},
     loader::{Enforcer, LoadError},
-    policy::{Policy, Selector},
+    policy::{Policy, PortRange, Selector},
 };
 
 pub struct ScopeCgroups {
@@ -26,19 +31,38 @@ pub struct ScopeCgroups {
     scopes: Vec<Selecting>,
     /// Relative path -> the mapped cgroup.
     mapped: BTreeMap<String, Mapped>,
+    /// Paths a pool selected but had no free block for.
+    exhausted: BTreeSet<String>,
+    /// Instances an earlier daemon left: (cgroup id, instance id, scope name, block index).
+    adopted: Vec<(u64, u32, String, u32)>,
 }
 
 struct Selecting {
     name: String,
     selector: Selector,
     scope_id: u32,
+    /// A pool's range and block size.
+    pool: Option<(PortRange, u16)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Mapped {
     cgroup_id: u64,
+    /// The selecting scope.
     scope_id: u32,
     level: u32,
+    /// A pool cgroup's instance id and block.
+    instance: Option<(u32, PortRange)>,
+}
+
+/// What a scope's cgroups are, for status.
+pub struct Held {
+    pub scope_id: u32,
+    pub cgroups: Vec<String>,
+    /// For a pool: each cgroup's instance id and block.
+    pub blocks: Vec<(String, u32, PortRange)>,
+    /// For a pool: cgroups it had no block for.
+    pub exhausted: Vec<String>,
 }
 
 impl ScopeCgroups {
@@ -48,6 +72,8 @@ impl ScopeCgroups {
             attach_at,
             scopes: selecting(policy, ids),
             mapped: BTreeMap::new(),
+            exhausted: BTreeSet::new(),
+            adopted: vec![],
         }
     }
 
@@ -55,18 +81,64 @@ impl ScopeCgroups {
         &self.attach_at
     }
 
-    /// Each scope's id and the cgroups it holds now.
-    pub fn held(&self) -> Vec<(u32, Vec<String>)> {
+    /// Remembers the pool instances an earlier daemon left (`names` are the kept scope names by
+    /// id, instances named `scope#block`), so their cgroups keep their blocks.
+    pub fn adopt_instances(&mut self, entries: &[(u64, u32)], names: &[(String, u32)]) {
+        for &(cgroup_id, target) in entries {
+            let Some((name, _)) = names.iter().find(|(_, id)| *id == target) else {
+                continue;
+            };
+            let Some((scope, block)) = name.split_once('#') else {
+                continue;
+            };
+            if let Ok(block) = block.parse() {
+                self.adopted
+                    .push((cgroup_id, target, scope.to_owned(), block));
+            }
+        }
+    }
+
+    /// Ids and names of the live pool instances (ids a reload must not give to scopes).
+    pub fn instance_names(&self) -> Vec<(String, u32)> {
+        self.mapped
+            .values()
+            .filter_map(|m| {
+                let (id, block) = m.instance?;
+                let scope = self.scopes.iter().find(|s| s.scope_id == m.scope_id)?;
+                Some((instance_name(&scope.name, block_index(scope, block)), id))
+            })
+            .collect()
+    }
+
+    /// Each scope's cgroups (and a pool's blocks) now.
+    pub fn held(&self) -> Vec<Held> {
         self.scopes
             .iter()
             .map(|scope| {
-                let paths = self
+                let mine: Vec<(&String, &Mapped)> = self
                     .mapped
                     .iter()
                     .filter(|(_, m)| m.scope_id == scope.scope_id)
-                    .map(|(path, _)| path.clone())
                     .collect();
-                (scope.scope_id, paths)
+                Held {
+                    scope_id: scope.scope_id,
+                    cgroups: mine.iter().map(|(path, _)| (*path).clone()).collect(),
+                    blocks: mine
+                        .iter()
+                        .filter_map(|(path, m)| {
+                            m.instance.map(|(id, block)| ((*path).clone(), id, block))
+                        })
+                        .collect(),
+                    exhausted: self
+                        .exhausted
+                        .iter()
+                        .filter(|path| {
+                            self.selecting(path)
+                                .is_some_and(|s| s.scope_id == scope.scope_id)
+                        })
+                        .cloned()
+                        .collect(),
+                }
             })
             .collect()
     }
@@ -120,61 +192,106 @@ impl ScopeCgroups {
     /// Removes entries of an adopted map that no scope of this policy selects now.
     pub fn drop_unknown(
         &mut self,
-        ids: Vec<u64>,
+        entries: Vec<(u64, u32)>,
         enforcer: &mut Enforcer,
     ) -> Result<(), LoadError> {
-        for id in ids {
+        for (id, _) in entries {
             if !self.mapped.values().any(|m| m.cgroup_id == id) {
                 enforcer.remove_scope_cgroup(id)?;
                 log::info!("cgroup id {id}: no longer scoped (left by an earlier daemon)");
             }
         }
+        self.adopted.clear();
         Ok(())
     }
 
     /// Logs the scopes that select no cgroup (yet).
     pub fn log_idle(&self) {
-        for (scope_id, paths) in self.held() {
-            if paths.is_empty() {
-                let scope = self.scopes.iter().find(|s| s.scope_id == scope_id);
-                if let Some(scope) = scope {
-                    log::info!(
-                        "scope {}: {} selects no cgroup below {} yet; it is enforced as soon as one appears",
-                        scope.name,
-                        scope.selector,
-                        self.attach_at.display()
-                    );
-                }
+        for held in self.held().iter().filter(|held| held.cgroups.is_empty()) {
+            if let Some(scope) = self.scopes.iter().find(|s| s.scope_id == held.scope_id) {
+                log::info!(
+                    "scope {}: {} selects no cgroup below {} yet; it is enforced as soon as one appears",
+                    scope.name,
+                    scope.selector,
+                    self.attach_at.display()
+                );
             }
         }
     }
 
-    /// Makes the map's entries within `in_scope` equal `desired`.
+    /// Makes the map's entries within `in_scope` equal `desired` (path -> selecting scope id,
+    /// cgroup id, level).
     fn apply(
         &mut self,
-        desired: BTreeMap<String, Mapped>,
+        desired: BTreeMap<String, (u64, u32, u32)>,
         in_scope: impl Fn(&str) -> bool,
         enforcer: &mut Enforcer,
     ) -> Result<(), LoadError> {
-        for (path, want) in &desired {
-            if self.mapped.get(path) == Some(want) {
+        let mut released_any = false;
+        for (path, &(cgroup_id, scope_id, level)) in &desired {
+            let Some(scope) = self.scopes.iter().find(|s| s.scope_id == scope_id) else {
+                continue;
+            };
+            let pool = scope.pool;
+            let name = scope.name.clone();
+            let current = self.mapped.get(path).copied();
+            let same_shape = |m: &Mapped| match (m.instance, pool) {
+                (None, None) => true,
+                (Some((_, block)), Some((range, size))) => {
+                    block.lo >= range.lo && block.hi <= range.hi && block.len() == u32::from(size)
+                }
+                _ => false,
+            };
+            if current.is_some_and(|m| {
+                m.cgroup_id == cgroup_id && m.scope_id == scope_id && same_shape(&m)
+            }) {
                 continue;
             }
+            let instance = match pool {
+                None => None,
+                Some(pool) => {
+                    match self.new_instance(&name, scope_id, pool, cgroup_id, enforcer)? {
+                        Some(instance) => Some(instance),
+                        None => {
+                            if self.exhausted.insert(path.clone()) {
+                                log::error!(
+                                    "scope {name}: pool {} exhausted: cgroup {path} has no block and stays unscoped",
+                                    pool.0
+                                );
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.exhausted.remove(path);
+            let target = instance.map_or(scope_id, |(id, _)| id);
             // A full map must not stop the daemon: that cgroup stays unscoped, loudly.
-            if let Err(error) = enforcer.add_scope_cgroup(want.cgroup_id, want.scope_id) {
+            if let Err(error) = enforcer.add_scope_cgroup(cgroup_id, target) {
                 log::error!("cannot scope cgroup {path}: {error}; it stays unscoped");
+                if let Some((id, block)) = instance {
+                    enforcer.release_instance(scope_id + 1, id, block)?;
+                }
                 continue;
             }
-            let name = self.scope_name(want.scope_id);
-            log::info!(
-                "scope {name}: cgroup {path} (id {}) enforced",
-                want.cgroup_id
-            );
-            // The same path with a new id is a re-created cgroup: the old id goes.
-            if let Some(old) = self.mapped.insert(path.clone(), *want)
-                && old.cgroup_id != want.cgroup_id
-            {
-                enforcer.remove_scope_cgroup(old.cgroup_id)?;
+            match instance {
+                Some((id, block)) => log::info!(
+                    "scope {name}: cgroup {path} (id {cgroup_id}) enforced with block {block} (instance {id})"
+                ),
+                None => log::info!("scope {name}: cgroup {path} (id {cgroup_id}) enforced"),
+            }
+            let mapped = Mapped {
+                cgroup_id,
+                scope_id,
+                level,
+                instance,
+            };
+            if let Some(old) = self.mapped.insert(path.clone(), mapped) {
+                // The same path with a new id is a re-created cgroup: the old id goes.
+                if old.cgroup_id != cgroup_id {
+                    enforcer.remove_scope_cgroup(old.cgroup_id)?;
+                }
+                released_any |= self.release(&old, enforcer)?;
             }
         }
         // Widen first, narrow after the removals: the walk never skips a level in between.
@@ -187,9 +304,8 @@ impl ScopeCgroups {
             .collect();
         for path in stale {
             if let Some(gone) = self.mapped.remove(&path) {
-                // Another mapped path may share the id only if it is the same cgroup (cannot
-                // happen for distinct paths), so removing the kernel entry is safe.
                 enforcer.remove_scope_cgroup(gone.cgroup_id)?;
+                released_any |= self.release(&gone, enforcer)?;
                 log::info!(
                     "scope {}: cgroup {path} (id {}) no longer scoped",
                     self.scope_name(gone.scope_id),
@@ -197,17 +313,118 @@ impl ScopeCgroups {
                 );
             }
         }
-        enforcer.set_walk(levels(self.mapped.values()))
+        self.exhausted
+            .retain(|path| !in_scope(path) || desired.contains_key(path));
+        enforcer.set_walk(levels(self.mapped.values()))?;
+        // A block came free: cgroups waiting for one get it now.
+        if released_any && !self.exhausted.is_empty() {
+            return self.sync(enforcer);
+        }
+        Ok(())
+    }
+
+    /// A block and an instance id for a cgroup of pool scope `scope_id`, or None when the pool
+    /// is full. An instance an earlier daemon gave this cgroup is kept.
+    fn new_instance(
+        &mut self,
+        name: &str,
+        scope_id: u32,
+        (range, size): (PortRange, u16),
+        cgroup_id: u64,
+        enforcer: &mut Enforcer,
+    ) -> Result<Option<(u32, PortRange)>, LoadError> {
+        let blocks = range.len() / u32::from(size);
+        let block_at = |index: u32| {
+            let lo = range.lo as u32 + index * u32::from(size);
+            PortRange::new(lo as u16, (lo + u32::from(size) - 1) as u16)
+        };
+        let taken_blocks: Vec<u32> = self
+            .mapped
+            .values()
+            .filter(|m| m.scope_id == scope_id)
+            .filter_map(|m| {
+                m.instance
+                    .map(|(_, block)| (u32::from(block.lo) - u32::from(range.lo)) / u32::from(size))
+            })
+            .collect();
+        let adopted = self
+            .adopted
+            .iter()
+            .find(|(cgroup, _, scope, block)| {
+                *cgroup == cgroup_id
+                    && scope == name
+                    && *block < blocks
+                    && !taken_blocks.contains(block)
+            })
+            .map(|(_, id, _, block)| (*id, *block));
+        let (id, index, fresh) = match adopted {
+            Some((id, index)) => (id, index, false),
+            None => {
+                let Some(index) = (0..blocks).find(|b| !taken_blocks.contains(b)) else {
+                    return Ok(None);
+                };
+                let Some(id) = self.free_id() else {
+                    log::error!(
+                        "scope {name}: no free id for another pool instance (at most {MAX_SCOPES})"
+                    );
+                    return Ok(None);
+                };
+                (id, index, true)
+            }
+        };
+        let block = block_at(index);
+        if fresh {
+            enforcer.reset_counters(id)?;
+        }
+        enforcer.instantiate(scope_id, id, block, &instance_name(name, index))?;
+        Ok(Some((id, block)))
+    }
+
+    /// Returns a mapping's block to its pool; true if there was one.
+    fn release(&self, gone: &Mapped, enforcer: &mut Enforcer) -> Result<bool, LoadError> {
+        let Some((id, block)) = gone.instance else {
+            return Ok(false);
+        };
+        // A block of a pool a reload moved away belongs to nobody any more.
+        let owner = self
+            .scopes
+            .iter()
+            .find(|s| s.scope_id == gone.scope_id)
+            .and_then(|s| s.pool)
+            .filter(|(range, _)| range.lo <= block.lo && block.hi <= range.hi)
+            .map_or(NO_OWNER, |_| gone.scope_id + 1);
+        enforcer.release_instance(owner, id, block)?;
+        Ok(true)
+    }
+
+    /// The lowest id no scope, instance or adopted instance uses.
+    fn free_id(&self) -> Option<u32> {
+        (0..MAX_SCOPES).find(|id| {
+            !self.scopes.iter().any(|s| s.scope_id == *id)
+                && !self
+                    .mapped
+                    .values()
+                    .any(|m| m.instance.is_some_and(|(i, _)| i == *id))
+                && !self.adopted.iter().any(|(_, i, _, _)| i == id)
+        })
+    }
+
+    fn selecting(&self, relative: &str) -> Option<&Selecting> {
+        self.scopes.iter().find(|s| s.selector.matches(relative))
     }
 
     /// Adds to `desired` every cgroup at or below `dir` that a scope selects, and returns the
     /// directories (relative) it could not read: their entries must not be taken for gone.
-    fn select_below(&self, dir: &Path, desired: &mut BTreeMap<String, Mapped>) -> Vec<String> {
+    fn select_below(
+        &self,
+        dir: &Path,
+        desired: &mut BTreeMap<String, (u64, u32, u32)>,
+    ) -> Vec<String> {
         let mut unread = vec![];
         let mut pending = vec![dir.to_path_buf()];
         while let Some(dir) = pending.pop() {
             if let Some(relative) = self.relative(&dir)
-                && let Some(scope) = self.scopes.iter().find(|s| s.selector.matches(&relative))
+                && let Some(scope) = self.selecting(&relative)
             {
                 let level = self.mount.root_level + relative.split('/').count() as u32;
                 match cgroup_id(&dir) {
@@ -216,14 +433,7 @@ impl ScopeCgroups {
                         scope.name
                     ),
                     Ok(cgroup_id) => {
-                        desired.insert(
-                            relative,
-                            Mapped {
-                                cgroup_id,
-                                scope_id: scope.scope_id,
-                                level,
-                            },
-                        );
+                        desired.insert(relative, (cgroup_id, scope.scope_id, level));
                     }
                     Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
                     Err(error) => {
@@ -272,8 +482,20 @@ fn selecting(policy: &Policy, ids: &[u32]) -> Vec<Selecting> {
             name: scope.name.clone(),
             selector: scope.selector.clone(),
             scope_id,
+            pool: scope.block.map(|block| (scope.ephemeral, block)),
         })
         .collect()
+}
+
+/// How an instance is named in `SCOPE_NAMES`, so that an adopting daemon finds its block.
+fn instance_name(scope: &str, block: u32) -> String {
+    format!("{scope}#{block}")
+}
+
+fn block_index(scope: &Selecting, block: PortRange) -> u32 {
+    scope.pool.map_or(0, |(range, size)| {
+        (u32::from(block.lo) - u32::from(range.lo)) / u32::from(size)
+    })
 }
 
 /// Whether `path` is `prefix` or below it; everything is below no prefix (the mount).
@@ -314,6 +536,7 @@ mod tests {
             cgroup_id: 1,
             scope_id: 0,
             level,
+            instance: None,
         };
         assert_eq!(levels([m(3), m(1), m(2)].iter()), Some((1, 3)));
         assert_eq!(levels([].iter()), None);

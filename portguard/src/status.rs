@@ -65,6 +65,20 @@ pub fn render(status: &Status) -> String {
             scope.exhausted.to_string(),
             scope.last_event_age_s.map_or("never".into(), age),
         ]);
+        for block in &scope.blocks {
+            let size = u32::from(block.range[1]) - u32::from(block.range[0]) + 1;
+            table.add_row([
+                "  └ block".to_owned(),
+                block.cgroup.clone(),
+                format!("{}-{}", block.range[0], block.range[1]),
+                format!("{} {}/{size}", bar(block.in_use, size), block.in_use),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
     }
     for column in 3..=7 {
         if let Some(column) = table.column_mut(column) {
@@ -84,6 +98,17 @@ pub fn render(status: &Status) -> String {
         status.lost_events,
         age(status.uptime_s as f64)
     );
+    for scope in status
+        .scopes
+        .iter()
+        .filter(|s| !s.pool_exhausted.is_empty())
+    {
+        out += &format!(
+            "pool of scope {} exhausted: no block for {}\n",
+            scope.name,
+            scope.pool_exhausted.join(", ")
+        );
+    }
     if let Some(reload) = &status.last_reload {
         match &reload.error {
             None => out += &format!("last reload {} ago: applied\n", age(reload.age_s)),
@@ -138,6 +163,9 @@ mod tests {
                 cgroup: "system.slice/web.service".into(),
                 active: true,
                 cgroups: vec!["system.slice/web.service".into()],
+                block: None,
+                blocks: vec![],
+                pool_exhausted: vec![],
                 mode: "enforce".into(),
                 range: [40000, 40999],
                 size: 1000,

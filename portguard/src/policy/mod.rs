@@ -56,7 +56,10 @@ pub struct Scope {
     pub name: String,
     /// Which cgroups the scope holds.
     pub selector: Selector,
+    /// The scope's ports: its ephemeral range, or with `pool` the whole pool.
     pub ephemeral: PortRange,
+    /// With `pool`: every selected cgroup gets its own block of this many ports from the pool.
+    pub block: Option<u16>,
     /// `None`: explicit binds may use any port outside other scopes' ranges.
     pub bind: Option<Vec<PortRange>>,
     /// Per-scope override of the policy's mode.

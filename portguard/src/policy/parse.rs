@@ -13,12 +13,14 @@ use toml::{
 use super::{Location, Mode, Policy, PolicyError, PolicyErrors, PortRange, Scope, Selector};
 
 const TOP_KEYS: [&str; 3] = ["mode", "reserve", "scope"];
-const SCOPE_KEYS: [&str; 8] = [
+const SCOPE_KEYS: [&str; 10] = [
     "name",
     "cgroup",
     "unit",
     "container",
     "ephemeral",
+    "pool",
+    "block",
     "bind",
     "mode",
     "strict",
@@ -155,10 +157,7 @@ fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>
         Some(name.to_owned())
     });
     let selector = parse_selector(fields, span.clone(), errors);
-    let ephemeral = required("ephemeral", errors).and_then(|value| {
-        let text = string(value, "ephemeral", errors)?;
-        range(value, text, "ephemeral", errors)
-    });
+    let (ephemeral, block) = parse_ports(fields, span.clone(), errors);
     let bind = match fields.get("bind") {
         None => Some(None),
         Some(value) => parse_bind_list(value, errors).map(Some),
@@ -184,11 +183,80 @@ fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>
         name: name?,
         selector: selector?,
         ephemeral: ephemeral?,
+        block: block?,
         bind: bind?,
         mode: mode?,
         strict: strict?,
         at,
     })
+}
+
+/// `ephemeral = "lo-hi"`, or `pool = "lo-hi"` with `block = N` (ports per cgroup).
+fn parse_ports(
+    fields: &DeTable<'_>,
+    span: Range<usize>,
+    errors: &mut Errors<'_>,
+) -> (Option<PortRange>, Option<Option<u16>>) {
+    let range_of = |key: &str, errors: &mut Errors<'_>| {
+        let value = fields.get(key)?;
+        let text = string(value, key, errors)?;
+        range(value, text, key, errors)
+    };
+    match (
+        fields.get("ephemeral"),
+        fields.get("pool"),
+        fields.get("block"),
+    ) {
+        (Some(_), None, None) => (range_of("ephemeral", errors), Some(None)),
+        (None, Some(_), Some(block_value)) => {
+            let pool = range_of("pool", errors);
+            let block = match block_value.get_ref() {
+                DeValue::Integer(integer) => integer.as_str().parse::<u32>().ok(),
+                _ => None,
+            };
+            match (pool, block) {
+                (Some(pool), Some(block)) if block >= 1 && block <= pool.len() => {
+                    (Some(pool), Some(Some(block as u16)))
+                }
+                (Some(pool), _) => {
+                    errors.push(
+                        block_value.span(),
+                        format!("`block` must be a whole number of ports from 1 to {} (the pool's size)", pool.len()),
+                    );
+                    (None, None)
+                }
+                (None, _) => (None, None),
+            }
+        }
+        (None, Some(pool), None) => {
+            errors.push(
+                pool.span(),
+                "`pool` needs `block`, the ports each cgroup gets".into(),
+            );
+            (None, None)
+        }
+        (Some(_), Some(second), _) => {
+            errors.push(
+                second.span(),
+                "give either `ephemeral` or `pool`, not both".into(),
+            );
+            (None, None)
+        }
+        (Some(_), None, Some(block)) => {
+            errors.push(
+                block.span(),
+                "`block` goes with `pool`, not `ephemeral`".into(),
+            );
+            (None, None)
+        }
+        (None, None, _) => {
+            errors.push(
+                span,
+                "scope needs `ephemeral` (or `pool` and `block`)".into(),
+            );
+            (None, None)
+        }
+    }
 }
 
 /// Exactly one of `cgroup`, `unit` and `container`.

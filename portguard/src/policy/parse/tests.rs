@@ -61,7 +61,7 @@ fn unknown_keys_at_both_levels() {
         errors,
         [
             "1:1: unknown key `colour` in top level (expected one of: mode, reserve, scope)",
-            "6:1: unknown key `port` in scope (expected one of: name, cgroup, unit, container, ephemeral, bind, mode, strict)",
+            "6:1: unknown key `port` in scope (expected one of: name, cgroup, unit, container, ephemeral, pool, block, bind, mode, strict)",
         ]
     );
 }
@@ -187,6 +187,29 @@ fn selectors_are_exactly_one_of_three() {
         [
             "4:10: scope has more than one of `cgroup`, `unit` and `container` (unit, cgroup); give exactly one",
             "8:13: container `abc` must be a container id or a prefix of at least 6 hex digits",
+        ]
+    );
+}
+
+#[test]
+fn pools_give_blocks_and_are_checked() {
+    let policy = parse(
+        "[[scope]]\nname = \"pods\"\ncgroup = \"k/*\"\npool = \"40000-40999\"\nblock = 100\n",
+    )
+    .expect("valid");
+    assert_eq!(policy.scopes[0].ephemeral, PortRange::new(40000, 40999));
+    assert_eq!(policy.scopes[0].block, Some(100));
+    let errors = errors_of(
+        "[[scope]]\nname = \"a\"\ncgroup = \"a\"\npool = \"1000-1009\"\nblock = 11\n\
+         [[scope]]\nname = \"b\"\ncgroup = \"b\"\npool = \"2000-2009\"\n\
+         [[scope]]\nname = \"c\"\ncgroup = \"c\"\nephemeral = \"3000-3009\"\npool = \"4000-4009\"\nblock = 1\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "5:9: `block` must be a whole number of ports from 1 to 10 (the pool's size)",
+            "9:8: `pool` needs `block`, the ports each cgroup gets",
+            "14:8: give either `ephemeral` or `pool`, not both",
         ]
     );
 }
