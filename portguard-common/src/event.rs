@@ -8,6 +8,8 @@ pub const OP_CONNECT: u8 = 2;
 pub const OP_SENDMSG: u8 = 3;
 /// A socket holding a port of a scope's range closed.
 pub const OP_RELEASE: u8 = 4;
+/// Written by the daemon, not the kernel: a pool had no block for a new cgroup.
+pub const OP_POOL: u8 = 5;
 
 pub const VERDICT_ALLOWED: u8 = 1;
 pub const VERDICT_STEERED: u8 = 2;

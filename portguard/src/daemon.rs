@@ -122,7 +122,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    running_state_held(&state, &cgroups)?;
+    running_state_held(&state, &mut cgroups)?;
     let mut running = Running {
         enforcer,
         cgroups,
@@ -256,7 +256,7 @@ impl Running {
                 }
                 _ = resync.tick() => {
                     self.cgroups.sync(&mut self.enforcer).context("walking the cgroup tree")?;
-                    running_state_held(&self.state, &self.cgroups)?;
+                    running_state_held(&self.state, &mut self.cgroups)?;
                 }
                 _ = peaks.tick() => lock(&self.state)?.refresh_peaks(true),
                 guard = watch.readable_mut() => {
@@ -378,7 +378,7 @@ impl Running {
                 }
             }
         }
-        running_state_held(&self.state, &self.cgroups)
+        running_state_held(&self.state, &mut self.cgroups)
     }
 
     /// Reads at most `EVENT_BATCH` records and returns how many it read.
@@ -415,11 +415,29 @@ const PEAK_SAMPLE: Duration = Duration::from_millis(10);
 /// Records read per wakeup before the event loop looks at its other work.
 const EVENT_BATCH: usize = 4096;
 
-/// Tells the live state which cgroups each scope holds.
-fn running_state_held(state: &Mutex<LiveState>, cgroups: &ScopeCgroups) -> anyhow::Result<()> {
+/// Tells the live state which cgroups each scope holds, and records pool exhaustions as
+/// events.
+fn running_state_held(state: &Mutex<LiveState>, cgroups: &mut ScopeCgroups) -> anyhow::Result<()> {
     let mut state = lock(state)?;
     for held in cgroups.held() {
         state.set_held(held);
+    }
+    let (at, now) = (SystemTime::now(), Instant::now());
+    for (cgroup_id, scope_id) in cgroups.take_exhaustions() {
+        let mut comm = [0u8; 16];
+        comm[..9].copy_from_slice(b"portguard");
+        let event = Event {
+            cgroup_id,
+            scope_id,
+            tgid: std::process::id(),
+            pid: std::process::id(),
+            comm,
+            family: portguard_common::AF_INET,
+            op: portguard_common::OP_POOL,
+            verdict: portguard_common::VERDICT_EXHAUSTED,
+            ..Event::default()
+        };
+        state.record(event, at, now);
     }
     Ok(())
 }

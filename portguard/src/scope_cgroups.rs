@@ -35,6 +35,8 @@ pub struct ScopeCgroups {
     exhausted: BTreeSet<String>,
     /// Instances an earlier daemon left: (cgroup id, instance id, scope name, block index).
     adopted: Vec<(u64, u32, String, u32)>,
+    /// Pool exhaustions not yet reported as events: (cgroup id, pool scope id).
+    unreported: Vec<(u64, u32)>,
 }
 
 struct Selecting {
@@ -74,6 +76,7 @@ impl ScopeCgroups {
             mapped: BTreeMap::new(),
             exhausted: BTreeSet::new(),
             adopted: vec![],
+            unreported: vec![],
         }
     }
 
@@ -96,6 +99,11 @@ impl ScopeCgroups {
                     .push((cgroup_id, target, scope.to_owned(), block));
             }
         }
+    }
+
+    /// Pool exhaustions since the last call: (cgroup id, pool scope id).
+    pub fn take_exhaustions(&mut self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut self.unreported)
     }
 
     /// Ids and names of the live pool instances (ids a reload must not give to scopes).
@@ -254,6 +262,7 @@ impl ScopeCgroups {
                         Some(instance) => Some(instance),
                         None => {
                             if self.exhausted.insert(path.clone()) {
+                                self.unreported.push((cgroup_id, scope_id));
                                 log::error!(
                                     "scope {name}: pool {} exhausted: cgroup {path} has no block and stays unscoped",
                                     pool.0

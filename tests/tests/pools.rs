@@ -102,6 +102,12 @@ fn pools_give_disjoint_blocks_recycle_them_and_leave_nothing_behind() {
         .expect("path")
         .to_owned();
     let waiting_dir = cgroup.mount().join(&waiting);
+    let events = daemon.events();
+    let exhaustion = events
+        .iter()
+        .find(|e| e["op"] == "pool" && e["verdict"] == "exhausted")
+        .unwrap_or_else(|| panic!("no pool exhaustion event in {events:?}"));
+    assert_eq!(exhaustion["scope"], "pods");
     let r = probe(&waiting_dir, &["bind", "udp", "0"]);
     assert!(
         !(25300..=25399).contains(&port(&r[0])),
