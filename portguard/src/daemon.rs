@@ -338,18 +338,19 @@ impl Running {
         self.cgroups
             .replace(&policy, &ids, &mut self.enforcer)
             .context("reload: updating scope cgroups")?;
+        self.cgroups
+            .refresh_instances(&mut self.enforcer)
+            .context("reload: rewriting pool blocks")?;
         reserve_ports(&policy, &mut self.enforcer)?;
         {
             let mut state = lock(&self.state)?;
             state.replace_policy(name.clone(), &policy, &ids);
-            for held in self.cgroups.held() {
-                state.set_held(held);
-            }
             state.set_reload(ReloadOutcome {
                 at: Instant::now(),
                 error: None,
             });
         }
+        running_state_held(&self.state, &mut self.cgroups)?;
         log_scopes(&policy);
         let summary = format!(
             "reloaded policy {name}: {} mode, {} scopes",

@@ -75,6 +75,8 @@ pub struct Enforcer {
     adopted: bool,
     /// Where the maps are pinned (the counters are reopened from there to reset them).
     pins: PathBuf,
+    /// The port owners of the policy in force (ranges and scope id + 1).
+    policy_owners: Vec<(PortRange, u32)>,
 }
 
 impl Enforcer {
@@ -108,6 +110,7 @@ impl Enforcer {
             walk: None,
             adopted,
             pins: pins.to_owned(),
+            policy_owners: vec![],
         };
         if adopted {
             enforcer.owned_ranges = enforcer.owned_port_ranges()?;
@@ -169,6 +172,7 @@ impl Enforcer {
                     .map_err(map_error(MAP_PORT_OWNER))?;
             }
         }
+        self.policy_owners = policy.port_owner.clone();
         self.owned_ranges = policy
             .port_owner
             .iter()
@@ -326,15 +330,28 @@ impl Enforcer {
         self.set_port_owner(block, instance + 1)
     }
 
-    /// Returns an instance's block: its ports go to `owner` (the pool's id + 1, or `NO_OWNER`
-    /// when the pool no longer holds them). Called after no cgroup points at the instance.
+    /// Returns an instance's block after no cgroup points at it: each port goes back to the
+    /// owner the policy in force gives it (its pool, another scope, or nobody), except ports of
+    /// `live` blocks, which other instances hold.
     pub fn release_instance(
         &mut self,
-        owner: u32,
         instance: u32,
         block: PortRange,
+        live: &[PortRange],
     ) -> Result<(), LoadError> {
-        self.set_port_owner(block, owner)?;
+        let owners = self.policy_owners.clone();
+        let mut map: Array<_, u32> = self.map_mut(MAP_PORT_OWNER)?;
+        for port in block.lo..=block.hi {
+            if live.iter().any(|r| r.lo <= port && port <= r.hi) {
+                continue;
+            }
+            let owner = owners
+                .iter()
+                .find(|(range, _)| range.lo <= port && port <= range.hi)
+                .map_or(NO_OWNER, |(_, owner)| *owner);
+            map.set(u32::from(port), owner, 0)
+                .map_err(map_error(MAP_PORT_OWNER))?;
+        }
         self.set_name(instance, "")
     }
 
@@ -365,7 +382,7 @@ impl Enforcer {
         Ok(())
     }
 
-    fn set_name(&mut self, id: u32, name: &str) -> Result<(), LoadError> {
+    pub fn set_name(&mut self, id: u32, name: &str) -> Result<(), LoadError> {
         let mut bytes = [0u8; SCOPE_NAME_BYTES];
         let len = name.len().min(SCOPE_NAME_BYTES);
         bytes[..len].copy_from_slice(&name.as_bytes()[..len]);

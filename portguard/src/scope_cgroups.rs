@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use portguard_common::{MAX_CGROUP_LEVEL, MAX_SCOPES, NO_OWNER};
+use portguard_common::{MAX_CGROUP_LEVEL, MAX_SCOPES};
 
 use crate::{
     cgroup::{Cgroup2Mount, cgroup_id},
@@ -37,6 +37,10 @@ pub struct ScopeCgroups {
     adopted: Vec<(u64, u32, String, u32)>,
     /// Pool exhaustions not yet reported as events: (cgroup id, pool scope id).
     unreported: Vec<(u64, u32)>,
+    /// The instance id given out last (ids are handed out in rotation).
+    last_id: u32,
+    /// Set while a freed block is offered to waiting cgroups (one such pass at a time).
+    offering: bool,
 }
 
 struct Selecting {
@@ -77,6 +81,8 @@ impl ScopeCgroups {
             exhausted: BTreeSet::new(),
             adopted: vec![],
             unreported: vec![],
+            last_id: MAX_SCOPES - 1,
+            offering: false,
         }
     }
 
@@ -113,7 +119,7 @@ impl ScopeCgroups {
             .filter_map(|m| {
                 let (id, block) = m.instance?;
                 let scope = self.scopes.iter().find(|s| s.scope_id == m.scope_id)?;
-                Some((instance_name(&scope.name, block_index(scope, block)), id))
+                Some((instance_name(&scope.name, block_index(scope, block)?), id))
             })
             .collect()
     }
@@ -209,7 +215,16 @@ impl ScopeCgroups {
                 log::info!("cgroup id {id}: no longer scoped (left by an earlier daemon)");
             }
         }
-        self.adopted.clear();
+        // Adopted instances no cgroup took up again: their names go, so their ids are free.
+        for (_, id, _, _) in std::mem::take(&mut self.adopted) {
+            if !self
+                .mapped
+                .values()
+                .any(|m| m.instance.is_some_and(|(i, _)| i == id))
+            {
+                enforcer.set_name(id, "")?;
+            }
+        }
         Ok(())
     }
 
@@ -245,9 +260,7 @@ impl ScopeCgroups {
             let current = self.mapped.get(path).copied();
             let same_shape = |m: &Mapped| match (m.instance, pool) {
                 (None, None) => true,
-                (Some((_, block)), Some((range, size))) => {
-                    block.lo >= range.lo && block.hi <= range.hi && block.len() == u32::from(size)
-                }
+                (Some((_, block)), Some(_)) => block_index(scope, block).is_some(),
                 _ => false,
             };
             if current.is_some_and(|m| {
@@ -268,6 +281,11 @@ impl ScopeCgroups {
                                     pool.0
                                 );
                             }
+                            // A block that no longer fits its (reloaded) pool is not kept.
+                            if let Some(stale) = self.mapped.remove(path) {
+                                enforcer.remove_scope_cgroup(stale.cgroup_id)?;
+                                self.release(&stale, enforcer)?;
+                            }
                             continue;
                         }
                     }
@@ -279,7 +297,8 @@ impl ScopeCgroups {
             if let Err(error) = enforcer.add_scope_cgroup(cgroup_id, target) {
                 log::error!("cannot scope cgroup {path}: {error}; it stays unscoped");
                 if let Some((id, block)) = instance {
-                    enforcer.release_instance(scope_id + 1, id, block)?;
+                    let live = self.live_blocks(id);
+                    enforcer.release_instance(id, block, &live)?;
                 }
                 continue;
             }
@@ -326,8 +345,12 @@ impl ScopeCgroups {
             .retain(|path| !in_scope(path) || desired.contains_key(path));
         enforcer.set_walk(levels(self.mapped.values()))?;
         // A block came free: cgroups waiting for one get it now.
-        if released_any && !self.exhausted.is_empty() {
-            return self.sync(enforcer);
+        // One pass at a time: the pass itself may free no further block for anyone.
+        if released_any && !self.exhausted.is_empty() && !self.offering {
+            self.offering = true;
+            let offered = self.sync(enforcer);
+            self.offering = false;
+            return offered;
         }
         Ok(())
     }
@@ -347,29 +370,43 @@ impl ScopeCgroups {
             let lo = range.lo as u32 + index * u32::from(size);
             PortRange::new(lo as u16, (lo + u32::from(size) - 1) as u16)
         };
-        let taken_blocks: Vec<u32> = self
+        // Taken: any live block that overlaps, whatever its scope (a reload may have renamed
+        // or resized a pool), and blocks an earlier daemon gave cgroups not yet seen again.
+        let mut taken: Vec<PortRange> = self
             .mapped
             .values()
-            .filter(|m| m.scope_id == scope_id)
-            .filter_map(|m| {
-                m.instance
-                    .map(|(_, block)| (u32::from(block.lo) - u32::from(range.lo)) / u32::from(size))
-            })
+            .filter_map(|m| m.instance.map(|(_, b)| b))
             .collect();
+        taken.extend(
+            self.adopted
+                .iter()
+                .filter(|(cgroup, _, scope, _)| scope == name && *cgroup != cgroup_id)
+                .filter(|(_, _, _, block)| *block < blocks)
+                .map(|(_, _, _, block)| block_at(*block)),
+        );
+        let free = |index: u32| {
+            let candidate = block_at(index);
+            !taken.iter().any(|t| t.intersection(&candidate).is_some())
+        };
         let adopted = self
             .adopted
             .iter()
             .find(|(cgroup, _, scope, block)| {
-                *cgroup == cgroup_id
-                    && scope == name
-                    && *block < blocks
-                    && !taken_blocks.contains(block)
+                *cgroup == cgroup_id && scope == name && *block < blocks
             })
-            .map(|(_, id, _, block)| (*id, *block));
+            .map(|(_, id, _, block)| (*id, *block))
+            .filter(|(_, block)| {
+                let candidate = block_at(*block);
+                !self
+                    .mapped
+                    .values()
+                    .filter_map(|m| m.instance.map(|(_, b)| b))
+                    .any(|b| b.intersection(&candidate).is_some())
+            });
         let (id, index, fresh) = match adopted {
             Some((id, index)) => (id, index, false),
             None => {
-                let Some(index) = (0..blocks).find(|b| !taken_blocks.contains(b)) else {
+                let Some(index) = (0..blocks).find(|b| free(*b)) else {
                     return Ok(None);
                 };
                 let Some(id) = self.free_id() else {
@@ -394,28 +431,60 @@ impl ScopeCgroups {
         let Some((id, block)) = gone.instance else {
             return Ok(false);
         };
-        // A block of a pool a reload moved away belongs to nobody any more.
-        let owner = self
-            .scopes
-            .iter()
-            .find(|s| s.scope_id == gone.scope_id)
-            .and_then(|s| s.pool)
-            .filter(|(range, _)| range.lo <= block.lo && block.hi <= range.hi)
-            .map_or(NO_OWNER, |_| gone.scope_id + 1);
-        enforcer.release_instance(owner, id, block)?;
+        let live = self.live_blocks(id);
+        enforcer.release_instance(id, block, &live)?;
         Ok(true)
     }
 
+    /// The blocks live instances other than `except` hold.
+    fn live_blocks(&self, except: u32) -> Vec<PortRange> {
+        self.mapped
+            .values()
+            .filter_map(|m| m.instance)
+            .filter(|(id, _)| *id != except)
+            .map(|(_, block)| block)
+            .collect()
+    }
+
+    /// Rewrites every live instance from its pool's rule: after a reload the pool's flags or
+    /// allow list may have changed, and the policy's port owners were written over the blocks.
+    pub fn refresh_instances(&self, enforcer: &mut Enforcer) -> Result<(), LoadError> {
+        for mapped in self.mapped.values() {
+            let Some((id, block)) = mapped.instance else {
+                continue;
+            };
+            let Some(scope) = self.scopes.iter().find(|s| s.scope_id == mapped.scope_id) else {
+                continue;
+            };
+            let Some(index) = block_index(scope, block) else {
+                continue;
+            };
+            enforcer.instantiate(
+                mapped.scope_id,
+                id,
+                block,
+                &instance_name(&scope.name, index),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The lowest id no scope, instance or adopted instance uses.
-    fn free_id(&self) -> Option<u32> {
-        (0..MAX_SCOPES).find(|id| {
-            !self.scopes.iter().any(|s| s.scope_id == *id)
-                && !self
-                    .mapped
-                    .values()
-                    .any(|m| m.instance.is_some_and(|(i, _)| i == *id))
-                && !self.adopted.iter().any(|(_, i, _, _)| i == id)
-        })
+    /// An id no scope, mapping, instance or adopted instance uses, taken in rotation so that a
+    /// released id (whose sockets may still be closing) is not reused at once.
+    fn free_id(&mut self) -> Option<u32> {
+        let free = (1..=MAX_SCOPES)
+            .map(|step| (self.last_id + step) % MAX_SCOPES)
+            .find(|id| {
+                !self.scopes.iter().any(|s| s.scope_id == *id)
+                    && !self
+                        .mapped
+                        .values()
+                        .any(|m| m.scope_id == *id || m.instance.is_some_and(|(i, _)| i == *id))
+                    && !self.adopted.iter().any(|(_, i, _, _)| i == id)
+            })?;
+        self.last_id = free;
+        Some(free)
     }
 
     fn selecting(&self, relative: &str) -> Option<&Selecting> {
@@ -501,10 +570,13 @@ fn instance_name(scope: &str, block: u32) -> String {
     format!("{scope}#{block}")
 }
 
-fn block_index(scope: &Selecting, block: PortRange) -> u32 {
-    scope.pool.map_or(0, |(range, size)| {
-        (u32::from(block.lo) - u32::from(range.lo)) / u32::from(size)
-    })
+/// The block's index in its scope's pool, or None when it is not a block of that pool (a reload
+/// moved or resized it).
+fn block_index(scope: &Selecting, block: PortRange) -> Option<u32> {
+    let (range, size) = scope.pool?;
+    let offset = u32::from(block.lo).checked_sub(u32::from(range.lo))?;
+    (offset % u32::from(size) == 0 && block.hi <= range.hi && block.len() == u32::from(size))
+        .then(|| offset / u32::from(size))
 }
 
 /// Whether `path` is `prefix` or below it; everything is below no prefix (the mount).

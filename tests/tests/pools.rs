@@ -144,3 +144,52 @@ fn pools_give_disjoint_blocks_recycle_them_and_leave_nothing_behind() {
         "stale map entries: {log}"
     );
 }
+
+#[test]
+fn a_reload_reaches_the_blocks_of_live_cgroups() {
+    if !privileged("a_reload_reaches_the_blocks_of_live_cgroups") {
+        return;
+    }
+    let cgroup = TestCgroup::new("poolreload");
+    let pod = cgroup.child("pods/a");
+    let policy = |mode: &str| {
+        format!(
+            "[[scope]]\nname = \"pods\"\ncgroup = \"{}/pods/*\"\npool = \"25300-25399\"\nblock = 10\nmode = \"{mode}\"\n",
+            cgroup.relative
+        )
+    };
+    let daemon = Daemon::start(&cgroup, &policy("audit"));
+    wait_until("a block", || blocks(&daemon).len() == 1);
+    // Audit: a bind outside the block is allowed.
+    assert_eq!(probe(&pod, &["bind", "tcp", "25395"])[0]["errno"], 0);
+    daemon.write_policy(&policy("enforce"));
+    assert_eq!(daemon.cli(&["reload"]).status.code(), Some(0));
+    let block = blocks(&daemon)[0].clone();
+    // The block's rule follows the pool's new mode...
+    let outside = if block.1 == 25300 { 25395 } else { 25300 };
+    assert_eq!(
+        probe(&pod, &["bind", "tcp", &outside.to_string()])[0]["errno"],
+        portguard_tests::EPERM,
+        "enforced after the reload"
+    );
+    // ...and its sockets are still counted in the block.
+    let release = std::env::temp_dir().join(format!("{}-release", cgroup.relative));
+    let mut child = portguard_tests::RunningProbe::spawn(
+        &pod,
+        &[
+            "bind",
+            "udp",
+            "0",
+            "hold",
+            release.to_str().expect("utf-8 path"),
+        ],
+    );
+    let held = child.next_result();
+    child.next_result();
+    assert!((block.1..=block.2).contains(&port(&held)), "{held}");
+    let status = pool(&daemon);
+    assert_eq!(status["blocks"][0]["in_use"], 1, "{status}");
+    std::fs::write(&release, b"").expect("release");
+    child.finish();
+    let _ = std::fs::remove_file(release);
+}

@@ -27,6 +27,8 @@ const SCOPE_KEYS: [&str; 10] = [
 ];
 const SELECTOR_KEYS: [&str; 3] = ["cgroup", "unit", "container"];
 const MAX_NAME_LEN: usize = 64;
+/// A pool's instances are named `name#block` (block index up to 65,535) in 64 bytes.
+const MAX_POOL_NAME_LEN: usize = 64 - 6;
 
 /// Parses and validates `text`.
 pub fn parse(text: &str) -> Result<Policy, PolicyErrors> {
@@ -179,6 +181,16 @@ fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>
             }
         },
     };
+    // Pool instances are named `name#block` in a 64-byte map value.
+    if let (Some(name), Some(Some(_))) = (&name, &block)
+        && name.len() > MAX_POOL_NAME_LEN
+    {
+        errors.push(
+            span.clone(),
+            format!("pool scope name `{name}` is longer than {MAX_POOL_NAME_LEN} characters"),
+        );
+        return None;
+    }
     Some(Scope {
         name: name?,
         selector: selector?,
