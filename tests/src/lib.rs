@@ -354,6 +354,18 @@ fn probe_bin() -> PathBuf {
     dir.join("pg-probe")
 }
 
+/// Polls `done` until it holds; fails the test after five seconds, naming `what`.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "timed out waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// A probe running in the background, for tests that look at the daemon while sockets are held.
 pub struct RunningProbe {
     child: Child,

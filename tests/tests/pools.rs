@@ -1,9 +1,7 @@
 //! End-to-end: pool scopes give every cgroup they select a block of its own, recycled as
 //! cgroups come and go, against the real kernel.
 
-use std::time::{Duration, Instant};
-
-use portguard_tests::{Daemon, TestCgroup, port, privileged, probe};
+use portguard_tests::{Daemon, TestCgroup, port, privileged, probe, wait_until};
 use serde_json::Value;
 
 fn pool(daemon: &Daemon) -> Value {
@@ -34,17 +32,6 @@ fn blocks(daemon: &Daemon) -> Vec<(String, u16, u16)> {
         assert!(25300 <= *lo && *hi <= 25399 && hi - lo == 9, "{blocks:?}");
     }
     blocks
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 #[test]

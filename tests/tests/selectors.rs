@@ -1,9 +1,9 @@
 //! End-to-end: scopes that select cgroups by glob, systemd unit and container id, followed as
 //! cgroups come and go, against the real kernel.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use portguard_tests::{Daemon, TestCgroup, port, privileged, probe};
+use portguard_tests::{Daemon, TestCgroup, port, privileged, probe, wait_until};
 use serde_json::Value;
 
 fn scope_cgroups(daemon: &Daemon, name: &str) -> Vec<String> {
@@ -21,17 +21,6 @@ fn scope_cgroups(daemon: &Daemon, name: &str) -> Vec<String> {
         .iter()
         .map(|c| c.as_str().expect("path").to_owned())
         .collect()
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
