@@ -411,7 +411,7 @@ impl Running {
 }
 
 /// How often the in-use count of each scope is sampled into its peak.
-const PEAK_SAMPLE: Duration = Duration::from_millis(10);
+const PEAK_SAMPLE: Duration = Duration::from_millis(100);
 
 /// Records read per wakeup before the event loop looks at its other work.
 const EVENT_BATCH: usize = 4096;

@@ -29,7 +29,7 @@ pub const HISTORY: usize = 4096;
 const FOLLOWER_BACKLOG: usize = 4096;
 /// How often the event reader folds the kernel's holdings into the peaks, at most (a clock and
 /// status requests do too).
-const PEAK_REFRESH: Duration = Duration::from_millis(10);
+const PEAK_REFRESH: Duration = Duration::from_millis(100);
 
 /// The kernel's per-CPU counter maps, taken out of the loaded object.
 pub struct KernelStats {
