@@ -64,6 +64,8 @@ const _: () = assert!(size_of::<Config>() == 16);
 
 /// Emit an event for every bind/connect under the attach point, scoped or not.
 pub const CONFIG_OBSERVE: u32 = 1 << 0;
+/// Some scope is `strict`: only then must binds outside scope ranges be recorded.
+pub const CONFIG_STRICT: u32 = 1 << 1;
 
 impl Config {
     pub const fn no_scopes(flags: u32) -> Self {
@@ -93,6 +95,11 @@ impl PortBitmap {
     }
     pub fn insert(&mut self, port: u16) {
         self.words[(port / 64) as usize] |= 1u64 << (port % 64);
+    }
+    pub fn insert_range(&mut self, lo: u16, hi: u16) {
+        for port in lo..=hi {
+            self.insert(port);
+        }
     }
     pub fn remove(&mut self, port: u16) {
         self.words[(port / 64) as usize] &= !(1u64 << (port % 64));

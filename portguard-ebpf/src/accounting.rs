@@ -9,15 +9,15 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use portguard_common::{
-    IPPROTO_TCP, IPPROTO_UDP, NO_OWNER, OP_RELEASE, OP_SENDMSG, RULE_AUDIT, RULE_STRICT,
-    SOCKET_COUNTED, SOCKET_EXPLICIT, SOCKET_REPORTED, SocketRecord, VERDICT_AUTOBOUND,
+    CONFIG_STRICT, IPPROTO_TCP, IPPROTO_UDP, NO_OWNER, OP_RELEASE, OP_SENDMSG, RULE_AUDIT,
+    RULE_STRICT, SOCKET_COUNTED, SOCKET_EXPLICIT, SOCKET_REPORTED, SocketRecord, VERDICT_AUTOBOUND,
     VERDICT_RELEASED, held_slot,
 };
 
 use crate::{
     bind::{ALLOW, DENY, ON_INTERNAL_ERROR, refuse},
     events::{Decision, emit},
-    maps::SOCKETS,
+    maps::{CONFIG, SOCKETS},
     scope::{add_port_held, bump, count, current_scope, hold_port, port_owner},
 };
 
@@ -39,16 +39,22 @@ fn try_post_bind4(ctx: &SockContext) -> Option<i32> {
         return Some(ALLOW);
     }
     let slot = held_slot(sock.protocol, port);
-    // SAFETY: plain helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
     let owner = port_owner(port as u16);
     if owner != NO_OWNER {
+        // SAFETY: plain helper call on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
         hold_port(cookie, slot, owner - 1, SOCKET_EXPLICIT);
         return Some(ALLOW);
     }
-    // Only strict scopes need to tell explicit binds from autobinds later.
+    // Only strict scopes need to tell explicit binds from autobinds later; every other bind on
+    // the host stops here, without a cookie or a cgroup walk.
+    if CONFIG.get(0)?.flags & CONFIG_STRICT == 0 {
+        return Some(ALLOW);
+    }
     let (_, scope) = current_scope()?;
     if let Some(scope) = scope.filter(|scope| scope.rule.flags & RULE_STRICT != 0) {
+        // SAFETY: plain helper call on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
         let record = SocketRecord {
             slot,
             scope_id: scope.id as u16,

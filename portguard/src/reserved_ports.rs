@@ -70,9 +70,7 @@ fn plan(
 pub fn bitmap_of(ranges: impl IntoIterator<Item = PortRange>) -> PortBitmap {
     let mut bitmap = PortBitmap::EMPTY;
     for range in ranges {
-        for port in range.lo..=range.hi {
-            bitmap.insert(port);
-        }
+        bitmap.insert_range(range.lo, range.hi);
     }
     bitmap
 }

@@ -1,8 +1,8 @@
 //! From a validated policy to what the kernel maps must hold.
 
 use portguard_common::{
-    CONFIG_OBSERVE, Config, MAX_SCOPES, PortBitmap, RULE_AUDIT, RULE_BIND_LIST, RULE_STRICT,
-    ScopeRule,
+    CONFIG_OBSERVE, CONFIG_STRICT, Config, MAX_SCOPES, PortBitmap, RULE_AUDIT, RULE_BIND_LIST,
+    RULE_STRICT, ScopeRule,
 };
 
 use super::{Mode, Policy, PortRange};
@@ -37,7 +37,12 @@ pub fn compile(policy: &Policy, ids: &[u32]) -> Result<CompiledPolicy, CompileEr
     } else {
         0
     };
-    let config = Config::no_scopes(observe);
+    let strict = if policy.scopes.iter().any(|scope| scope.strict) {
+        CONFIG_STRICT
+    } else {
+        0
+    };
+    let config = Config::no_scopes(observe | strict);
     let mut rules = vec![];
     let mut bind_allow = vec![];
     let mut port_owner = vec![];
@@ -54,9 +59,7 @@ pub fn compile(policy: &Policy, ids: &[u32]) -> Result<CompiledPolicy, CompileEr
             flags |= RULE_BIND_LIST;
             let mut bitmap = Box::new(PortBitmap::EMPTY);
             for range in list {
-                for port in range.lo..=range.hi {
-                    bitmap.insert(port);
-                }
+                bitmap.insert_range(range.lo, range.hi);
             }
             bind_allow.push((id, bitmap));
         }
@@ -104,7 +107,7 @@ mode = "audit"
         )
         .expect("valid");
         let compiled = compile(&policy, &[0, 1]).expect("compiles");
-        assert_eq!(compiled.config.flags, 0);
+        assert_eq!(compiled.config.flags, CONFIG_STRICT, "a scope is strict");
         assert_eq!(
             compiled.rules,
             [
