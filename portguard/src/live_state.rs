@@ -91,7 +91,6 @@ struct ScopeLive {
     /// With a pool: the block size.
     block: Option<u16>,
     peak: u64,
-    last_event: Option<Instant>,
 }
 
 /// Scope names by id, shared with followers so they can decode events on their own.
@@ -115,6 +114,8 @@ pub struct LiveState {
     followers: broadcast::Sender<Followed>,
     peaks_refreshed: Instant,
     last_reload: Option<ReloadOutcome>,
+    /// When the last event of each scope or pool instance id arrived.
+    last_event: HashMap<u32, Instant>,
 }
 
 impl LiveState {
@@ -130,6 +131,7 @@ impl LiveState {
             followers: broadcast::channel(FOLLOWER_BACKLOG).0,
             peaks_refreshed: Instant::now(),
             last_reload: None,
+            last_event: HashMap::new(),
         };
         // At start the counters are either fresh or adopted from an earlier daemon: keep them.
         state.replace_policy(policy_name, policy, ids);
@@ -142,6 +144,7 @@ impl LiveState {
         for &id in ids {
             if !self.scopes.iter().any(|scope| scope.id == id) {
                 self.stats.reset(id);
+                self.last_event.remove(&id);
             }
         }
     }
@@ -163,7 +166,6 @@ impl LiveState {
                 exhausted: kept.map_or_else(Vec::new, |k| k.exhausted.clone()),
                 block: scope.block,
                 peak: kept.map_or(0, |k| k.peak),
-                last_event: kept.and_then(|k| k.last_event),
             });
         }
         // Old names stay known so that events already recorded still decode.
@@ -209,10 +211,9 @@ impl LiveState {
 
     /// Records one kernel event received at `at` (read once per batch by the caller).
     pub fn record(&mut self, event: Event, at: SystemTime, now: Instant) {
-        if let Some(scope) = self.scopes.iter_mut().find(|s| {
-            s.id == event.scope_id || s.blocks.iter().any(|(_, id, _)| *id == event.scope_id)
-        }) {
-            scope.last_event = Some(now);
+        // By id: one map update per event, whatever the number of scopes and blocks.
+        if event.scope_id != NO_SCOPE {
+            self.last_event.insert(event.scope_id, now);
         }
         if self.history.len() == HISTORY {
             self.history.pop_front();
@@ -271,9 +272,11 @@ impl LiveState {
                 allowed: counters.allowed,
                 audit_would_deny: counters.audit_would_deny,
                 unsteered: counters.unsteered,
-                last_event_age_s: scope
-                    .last_event
-                    .map(|at| now.duration_since(at).as_secs_f64()),
+                last_event_age_s: std::iter::once(scope.id)
+                    .chain(scope.blocks.iter().map(|(_, id, _)| *id))
+                    .filter_map(|id| self.last_event.get(&id))
+                    .max()
+                    .map(|at| now.duration_since(*at).as_secs_f64()),
             });
         }
         let unscoped = self.stats.counters(UNSCOPED_COUNTERS)?;
