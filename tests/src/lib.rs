@@ -2,6 +2,7 @@
 //! there, and probe processes placed in scope cgroups. Every guard cleans up on drop.
 
 pub mod bpf_query;
+pub mod reliability;
 
 use std::{
     fs,

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod reliability;
 mod run;
 mod setup;
 mod test;
