@@ -17,7 +17,7 @@ use tokio::{
 
 use crate::{
     live_state::{LiveState, decode},
-    protocol::{Command, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request, Response},
+    protocol::{Command, MAX_REQUEST_BYTES, Response, decode_request},
 };
 
 /// Asks the daemon's main loop to reload; the answer is the applied summary or the errors.
@@ -158,7 +158,7 @@ async fn client(
             let error = Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
             return write.write_all(error.to_line().as_bytes()).await;
         }
-        let request = match parse(&line) {
+        let request = match decode_request(&line) {
             Ok(request) => request,
             Err(message) => {
                 write
@@ -199,21 +199,6 @@ async fn client(
             }
         }
     }
-}
-
-fn parse(line: &[u8]) -> Result<Request, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(line).map_err(|error| format!("malformed request: {error}"))?;
-    match value.get("version").and_then(serde_json::Value::as_u64) {
-        Some(version) if version == u64::from(PROTOCOL_VERSION) => {}
-        Some(version) => {
-            return Err(format!(
-                "unsupported protocol version {version}; this daemon speaks version {PROTOCOL_VERSION}"
-            ));
-        }
-        None => return Err("request has no numeric `version`".into()),
-    }
-    serde_json::from_value(value).map_err(|error| format!("invalid request: {error}"))
 }
 
 async fn events(

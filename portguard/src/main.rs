@@ -1,33 +1,13 @@
 //! portguard: per-cgroup ephemeral port ranges enforced by eBPF.
 
-mod cgroup;
-mod cgroup_watch;
-mod check;
-mod cli;
-mod client;
-mod control;
-mod daemon;
-mod doctor;
-mod event_log;
-mod events;
-mod live_state;
-mod loader;
-mod pins;
-mod policy;
-mod policy_file;
-mod protocol;
-mod reload;
-mod reserved_ports;
-mod scope_cgroups;
-mod service_manager;
-mod status;
-mod uninstall;
-
 use std::process::ExitCode;
 
 use clap::Parser as _;
-
-use crate::cli::{Cli, Command};
+use portguard::{
+    check,
+    cli::{Cli, Command},
+    daemon, doctor, events, reload, status, uninstall,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -107,6 +107,26 @@ impl Response {
     }
 }
 
+/// Decodes one request line (its newline, if any, included). The error is the message of the
+/// error response the daemon sends back; the daemon carries on with the next line.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|error| format!("malformed request: {error}"))?;
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        Some(version) if version == u64::from(PROTOCOL_VERSION) => {}
+        Some(version) => {
+            return Err(format!(
+                "unsupported protocol version {version}; this daemon speaks version {PROTOCOL_VERSION}"
+            ));
+        }
+        None => return Err("request has no numeric `version`".into()),
+    }
+    serde_json::from_value(value).map_err(|error| format!("invalid request: {error}"))
+}
+
 /// `portguard status --json` prints exactly this.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
