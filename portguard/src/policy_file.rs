@@ -1,19 +1,24 @@
 //! Reading a policy from disk: where it comes from and what can go wrong before parsing.
+//!
+//! Every error names the file first, as `file: message` for the file as a whole and
+//! `file:line:column: message` for its contents, so `check`, a refused daemon start and a
+//! refused reload all point at the same place.
 
 use std::{
     fs,
     io::Read as _,
+    os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::policy::{self, Policy};
 
 /// The file a daemon reads when no `--policy` is given.
 pub const SYSTEM_POLICY: &str = "/etc/portguard/policy.toml";
 /// Policies are small; anything bigger is a mistake (a wrong file), not a policy.
-const MAX_POLICY_BYTES: u64 = 4 * 1024 * 1024;
+pub const MAX_POLICY_BYTES: u64 = 4 * 1024 * 1024;
 
 /// A policy and the name to report its errors under.
 pub struct PolicySource {
@@ -37,21 +42,49 @@ impl PolicySource {
         })
     }
 
+    /// Reads a regular file of at most [`MAX_POLICY_BYTES`]. A FIFO, device or directory at the
+    /// path is refused without blocking on it (the open does not wait for a writer).
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let name = path.display().to_string();
-        let file = fs::File::open(path).with_context(|| format!("cannot open policy {name}"))?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|error| anyhow::anyhow!("{name}: cannot open the policy: {error}"))?;
         let metadata = file
             .metadata()
-            .with_context(|| format!("cannot read policy {name}"))?;
-        if !metadata.is_file() {
-            bail!("policy {name} is not a regular file");
+            .map_err(|error| anyhow::anyhow!("{name}: cannot read the policy: {error}"))?;
+        let file_type = metadata.file_type();
+        if !file_type.is_file() {
+            let kind = if file_type.is_dir() {
+                "a directory"
+            } else if file_type.is_fifo() {
+                "a FIFO"
+            } else if file_type.is_socket() {
+                "a socket"
+            } else if file_type.is_char_device() || file_type.is_block_device() {
+                "a device"
+            } else {
+                "not a regular file"
+            };
+            bail!("{name}: the policy is {kind}; a policy must be a regular file");
+        }
+        if metadata.len() > MAX_POLICY_BYTES {
+            bail!(too_big(&name, metadata.len()));
         }
         let mut bytes = vec![];
+        // The size may change between the stat and the read: bound the read as well.
         file.take(MAX_POLICY_BYTES + 1)
             .read_to_end(&mut bytes)
-            .with_context(|| format!("cannot read policy {name}"))?;
+            .map_err(|error| anyhow::anyhow!("{name}: cannot read the policy: {error}"))?;
+        Self::from_bytes(name, bytes)
+    }
+
+    /// The policy in `bytes`, read from the file called `name`: refused when it is larger than
+    /// [`MAX_POLICY_BYTES`] or not UTF-8 (with the location of the first bad byte).
+    pub fn from_bytes(name: String, bytes: Vec<u8>) -> anyhow::Result<Self> {
         if bytes.len() as u64 > MAX_POLICY_BYTES {
-            bail!("policy {name} is larger than {MAX_POLICY_BYTES} bytes; is it the right file?");
+            bail!(too_big(&name, bytes.len() as u64));
         }
         let text = String::from_utf8(bytes).map_err(|error| {
             let offset = error.utf8_error().valid_up_to();
@@ -75,5 +108,37 @@ impl PolicySource {
                 if errors.0.len() == 1 { "" } else { "s" }
             )
         })
+    }
+}
+
+fn too_big(name: &str, bytes: u64) -> String {
+    format!(
+        "{name}: the policy is larger than {} MiB (at least {bytes} bytes); is it the right file?",
+        MAX_POLICY_BYTES / (1024 * 1024)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_file_first() {
+        let error = PolicySource::from_bytes("p.toml".into(), b"mode = \"a\xffb\"\n".to_vec())
+            .err()
+            .expect("not UTF-8");
+        assert_eq!(
+            error.to_string(),
+            "p.toml:1:10: the policy is not UTF-8 text"
+        );
+        let error =
+            PolicySource::from_bytes("p.toml".into(), vec![b'#'; MAX_POLICY_BYTES as usize + 1])
+                .err()
+                .expect("too big");
+        assert!(
+            error
+                .to_string()
+                .starts_with("p.toml: the policy is larger than 4 MiB")
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 use std::{collections::HashMap, ops::Range};
 
+use portguard_common::MAX_SCOPES;
 use toml::{
     Spanned,
     de::{DeTable, DeValue},
@@ -99,7 +100,19 @@ fn parse_document(document: &DeTable<'_>, errors: &mut Errors<'_>) -> Policy {
     {
         None => {}
         Some((_, DeValue::Array(array))) => {
-            for table in array.iter() {
+            for (index, table) in array.iter().enumerate() {
+                // The kernel maps hold MAX_SCOPES rules: say so here, where `check` sees it,
+                // rather than when a daemon compiles the policy.
+                if index == MAX_SCOPES as usize {
+                    errors.push(
+                        table.span(),
+                        format!(
+                            "too many scopes: at most {MAX_SCOPES} are supported, this is scope {}",
+                            index + 1
+                        ),
+                    );
+                    break;
+                }
                 match table.get_ref() {
                     DeValue::Table(fields) => {
                         if let Some(scope) = parse_scope(fields, table.span(), errors) {

@@ -213,3 +213,26 @@ fn pools_give_blocks_and_are_checked() {
         ]
     );
 }
+
+#[test]
+fn more_scopes_than_the_maps_hold_is_a_located_error() {
+    let scope = |i: usize| {
+        format!(
+            "[[scope]]\nname = \"s{i}\"\ncgroup = \"c{i}\"\nephemeral = \"{}\"\n",
+            1000 + i
+        )
+    };
+    let fits: String = (0..MAX_SCOPES as usize).map(scope).collect();
+    let policy = parse(&fits).expect("MAX_SCOPES scopes fit");
+    let ids = crate::policy::assign_ids(&[], &policy).expect("ids for every scope");
+    crate::policy::compile(&policy, &ids).expect("compiles");
+    let too_many: String = (0..=MAX_SCOPES as usize).map(scope).collect();
+    assert_eq!(
+        errors_of(&too_many),
+        [format!(
+            "{}:1: too many scopes: at most {MAX_SCOPES} are supported, this is scope {}",
+            4 * MAX_SCOPES + 1,
+            MAX_SCOPES + 1
+        )]
+    );
+}
