@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod reliability;
 mod run;
 mod setup;
@@ -21,16 +22,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what building needs: the nightly rust-src component and bpf-linker (built against
-    /// the nightly toolchain's own LLVM). Quick and idempotent when everything is there.
+    /// Install what building and testing need: the nightly rust-src component, bpf-linker (built
+    /// against the nightly toolchain's own LLVM) and cargo-fuzz. Quick and idempotent when
+    /// everything is there.
     Setup,
     /// Set up, then build portguard (release) with its eBPF programs embedded.
     Build,
-    /// Set up, then check formatting, run clippy with warnings denied, the unit tests and the
-    /// privileged end-to-end tests (as root; PORTGUARD_SKIP_PRIVILEGED=1 skips those, loudly).
+    /// Set up, then check formatting, run clippy with warnings denied, the unit tests, each fuzz
+    /// target for 20 s and the privileged end-to-end tests (as root; PORTGUARD_SKIP_PRIVILEGED=1
+    /// skips those, loudly).
     Test,
-    /// As root: set up, build and run the daemon in the foreground. Without arguments it uses the
-    /// embedded observe-only policy; arguments after `--` go to `portguard daemon`.
     /// As root: measure the event pipeline, daemon start-up and memory; write bench/results.json
     /// and bench/results.md.
     Bench {
@@ -38,6 +39,15 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Set up, then run each cargo-fuzz target (fuzz/) for a while on its committed seeds; new
+    /// inputs go to target/fuzz-corpus/, crashes to target/fuzz-artifacts/.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u32,
+    },
+    /// As root: set up, build and run the daemon in the foreground. Without arguments it uses the
+    /// embedded observe-only policy; arguments after `--` go to `portguard daemon`.
     Run {
         /// Arguments for `portguard daemon`, e.g. `-- --policy my.toml`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -53,6 +63,7 @@ fn main() -> ExitCode {
             .and_then(|()| cmd::cargo(&["build", "--release", "--package", "portguard"])),
         Task::Test => test::run(),
         Task::Bench { quick } => bench::run(quick),
+        Task::Fuzz { seconds } => setup::run().and_then(|()| fuzz::run(seconds)),
         Task::Run { daemon_args } => run::run(&daemon_args),
     };
     match result {

@@ -7,6 +7,16 @@ use anyhow::Context as _;
 const BEGIN: &str = "<!-- reliability:begin (written by cargo xtask test) -->";
 const END: &str = "<!-- reliability:end -->";
 
+/// Records figures measured outside the test binaries (the fuzz runs) the way
+/// `portguard_tests::reliability::record` does: Markdown bullets in `target/reliability/NAME.md`.
+pub fn record(root: &Path, name: &str, lines: &[String]) -> anyhow::Result<()> {
+    let dir = root.join("target/reliability");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let text: String = lines.iter().map(|line| format!("- {line}\n")).collect();
+    let path = dir.join(format!("{name}.md"));
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Replaces the text between the README's markers with the fragments under
 /// `target/reliability/`, sorted by name. Does nothing when no test recorded a figure (an
 /// unprivileged run), so a skipped run never blanks the section.
@@ -35,7 +45,10 @@ pub fn update_readme(root: &Path) -> anyhow::Result<()> {
     let updated = format!("{}{BEGIN}\n{body}{}", &readme[..start], &readme[end..]);
     if updated != readme {
         fs::write(&readme_path, updated).context("writing README.md")?;
-        println!("README.md: RELIABILITY section updated from {} figures", fragments.len());
+        println!(
+            "README.md: RELIABILITY section updated from {} figures",
+            fragments.len()
+        );
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ pub fn run() -> anyhow::Result<()> {
     ensure_nightly()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
+    crate::fuzz::ensure_cargo_fuzz()?;
     Ok(())
 }
 

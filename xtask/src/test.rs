@@ -25,6 +25,7 @@ pub fn run() -> anyhow::Result<()> {
     // The end-to-end tests run the daemon binary; build it first so they test this tree.
     cmd::cargo(&["build", "--package", "portguard", "--bins"])?;
     cmd::cargo(&["test", "--workspace", "--exclude", "portguard-ebpf"])?;
+    crate::fuzz::run(crate::fuzz::TEST_SECONDS)?;
     crate::reliability::update_readme(&cmd::workspace_root())?;
     // Keeps the benchmark from rotting: a few seconds, results under target/.
     if std::env::var("PORTGUARD_SKIP_PRIVILEGED").as_deref() == Ok("1") {

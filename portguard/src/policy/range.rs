@@ -13,6 +13,11 @@ impl PortRange {
         Self { lo, hi }
     }
 
+    /// How many ports the range holds.
+    #[expect(
+        clippy::len_without_is_empty,
+        reason = "a range holds at least one port: lo <= hi"
+    )]
     pub fn len(&self) -> u32 {
         u32::from(self.hi) - u32::from(self.lo) + 1
     }
