@@ -1,6 +1,7 @@
 //! Harness for portguard's end-to-end tests: a private cgroup subtree, the real daemon attached
 //! there, and probe processes placed in scope cgroups. Every guard cleans up on drop.
 
+pub mod bad_policy;
 pub mod bpf_query;
 pub mod reliability;
 

@@ -71,7 +71,8 @@ fn check_refuses_unreadable_input_clearly() {
     let out = portguard(&["check", "/nonexistent/policy.toml"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("cannot open policy /nonexistent/policy.toml"),
+        text(&out.stderr)
+            .contains("/nonexistent/policy.toml: cannot open the policy: No such file"),
         "{}",
         text(&out.stderr)
     );
@@ -86,7 +87,7 @@ fn check_refuses_unreadable_input_clearly() {
     let out = portguard(&["check", "/"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("is not a regular file"),
+        text(&out.stderr).contains("/: the policy is a directory; a policy must be a regular file"),
         "{}",
         text(&out.stderr)
     );
