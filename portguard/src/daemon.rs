@@ -27,7 +27,7 @@ use crate::{
     loader::Enforcer,
     policy::{HostPorts, Mode, Policy, assign_ids, compile, host_warnings},
     policy_file::PolicySource,
-    reserved_ports,
+    privileges, reserved_ports,
     scope_cgroups::ScopeCgroups,
     service_manager,
 };
@@ -63,6 +63,16 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     // Before anything of the installation is read or written: a second daemon on the same pins
     // must change nothing.
     let _pin_lock = PinLock::take(&args.pin_path).context("not starting")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // Before anything is loaded or pinned (and after the lock, so that a second daemon is told
+    // about the lock): a socket path or directory that is not safe refuses the start.
+    let socket = {
+        let _runtime = runtime.enter();
+        control::bind(&args.socket, access)?
+    };
     let mut enforcer =
         Enforcer::load(args.events_buffer, &args.pin_path).context("loading the eBPF programs")?;
     // Scope ids survive restarts: an adopted map keeps each scope's cgroups and counters.
@@ -118,10 +128,6 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         enforcer.take_stats()?,
     )));
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     running_state_held(&state, &mut cgroups)?;
     let mut running = Running {
         enforcer,
@@ -132,7 +138,6 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         policy_arg: args.policy.clone(),
     };
     runtime.block_on(async {
-        let socket = control::bind(&args.socket, access)?;
         let replaced = running
             .enforcer
             .attach(&attach_at, &args.pin_path)
@@ -151,6 +156,19 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         if running.policy.mode == Mode::Observe {
             log::info!(
                 "observe mode: every bind and connect under the attach point is logged; nothing is changed"
+            );
+        }
+        // Everything that needed a capability is done.
+        let dropped = privileges::drop_all().context("dropping capabilities")?;
+        if dropped.bounding_kept.is_empty() {
+            log::info!(
+                "dropped every capability (effective, permitted, inheritable, ambient, bounding); no_new_privs set"
+            );
+        } else {
+            log::info!(
+                "dropped every capability; the bounding set stays {:?} as the service manager set it \
+                 (narrowing it needs CAP_SETPCAP), and no_new_privs keeps them from coming back",
+                dropped.bounding_kept
             );
         }
         log::info!("ready");

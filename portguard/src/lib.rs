@@ -21,6 +21,7 @@ mod event_log;
 mod live_state;
 mod loader;
 mod pins;
+mod privileges;
 mod reserved_ports;
 mod scope_cgroups;
 mod service_manager;
