@@ -3,16 +3,17 @@
 
 use std::{
     fs, io,
-    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use anyhow::{Context as _, bail};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
-    sync::{broadcast::error::RecvError, mpsc, oneshot},
+    sync::{Semaphore, broadcast::error::RecvError, mpsc, oneshot},
 };
 
 use crate::{
@@ -44,14 +45,17 @@ impl Drop for ControlSocket {
 /// Creates the socket at `path`: mode 0600 owned by root, or 0660 with `group`. A stale socket
 /// is replaced; anything else at the path (a symlink, a file) is refused, never followed.
 pub fn bind(path: &Path, access: Access) -> anyhow::Result<ControlSocket> {
-    if let Some(parent) = path.parent()
-        && !parent.exists()
-    {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if fs::symlink_metadata(parent).is_err() {
         fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
         fs::set_permissions(parent, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("cannot set permissions on {}", parent.display()))?;
     }
+    check_directory(parent)?;
     match fs::symlink_metadata(path) {
         Ok(metadata) if metadata.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -95,6 +99,90 @@ pub fn bind(path: &Path, access: Access) -> anyhow::Result<ControlSocket> {
     })
 }
 
+/// Refuses a socket directory that anyone but root could change: another user could otherwise
+/// swap the socket, or plant a symlink where the daemon creates it. The directory itself must not
+/// be a symlink, and it and every directory above it must belong to root and be writable by no
+/// one else, unless sticky (as /tmp is: others cannot remove or rename root's files there).
+fn check_directory(dir: &Path) -> anyhow::Result<()> {
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "refusing the control socket directory {}: {why}",
+            dir.display()
+        )
+    };
+    let metadata =
+        fs::symlink_metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    if metadata.file_type().is_symlink() {
+        let target = fs::read_link(dir).unwrap_or_default();
+        return Err(refuse(format!(
+            "it is a symlink (to {}), which is never followed",
+            target.display()
+        )));
+    }
+    if !metadata.is_dir() {
+        return Err(refuse("it is not a directory".into()));
+    }
+    let real =
+        fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    for ancestor in real.ancestors() {
+        let metadata = fs::metadata(ancestor)
+            .with_context(|| format!("cannot inspect {}", ancestor.display()))?;
+        let mode = metadata.permissions().mode();
+        if metadata.uid() != 0 {
+            return Err(refuse(format!(
+                "{} belongs to uid {}, not root",
+                ancestor.display(),
+                metadata.uid()
+            )));
+        }
+        let others_write = mode & 0o002 != 0 || (mode & 0o020 != 0 && metadata.gid() != 0);
+        if others_write && mode & 0o1000 == 0 {
+            return Err(refuse(format!(
+                "{} is writable by other users (mode {:04o}) and not sticky",
+                ancestor.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Most clients served at once; more are told so and hung up on.
+pub const MAX_CLIENTS: usize = 64;
+/// Requests one connection may send in a burst, and per second after that. The CLI sends one
+/// per connection; more is a runaway script, answered with an error and a hang-up.
+pub const REQUEST_BURST: u32 = 100;
+pub const REQUESTS_PER_SECOND: u32 = 50;
+
+/// A token bucket: [`REQUEST_BURST`] requests at once, refilled at [`REQUESTS_PER_SECOND`].
+struct RequestBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RequestBudget {
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: f64::from(REQUEST_BURST),
+            at: now,
+        }
+    }
+
+    /// Whether one more request may be served at `now`.
+    fn take(&mut self, now: Instant) -> bool {
+        let refill =
+            now.saturating_duration_since(self.at).as_secs_f64() * f64::from(REQUESTS_PER_SECOND);
+        self.tokens = (self.tokens + refill).min(f64::from(REQUEST_BURST));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Accepts clients until the task is dropped.
 pub async fn serve(
     socket: &ControlSocket,
@@ -102,15 +190,28 @@ pub async fn serve(
     access: Access,
     reloads: ReloadRequests,
 ) {
+    let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
         match socket.listener.accept().await {
             Ok((stream, _)) => {
+                let Ok(permit) = clients.clone().try_acquire_owned() else {
+                    log::warn!(
+                        "control socket: refused a client: {MAX_CLIENTS} clients are connected already"
+                    );
+                    let refusal = Response::error(format!(
+                        "too many clients: the daemon serves {MAX_CLIENTS} at once; try again later"
+                    ));
+                    // Best effort, never waiting on the refused client.
+                    let _ = stream.try_write(refusal.to_line().as_bytes());
+                    continue;
+                };
                 let state = state.clone();
                 let reloads = reloads.clone();
                 tokio::spawn(async move {
                     if let Err(error) = client(stream, state, access, reloads).await {
                         log::debug!("control client: {error}");
                     }
+                    drop(permit);
                 });
             }
             Err(error) => {
@@ -144,6 +245,7 @@ async fn client(
     }
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
+    let mut budget = RequestBudget::new(Instant::now());
     loop {
         line.clear();
         let read = (&mut reader)
@@ -156,6 +258,17 @@ async fn client(
         if line.len() > MAX_REQUEST_BYTES {
             // The rest of this line cannot be told apart from the next request: hang up.
             let error = Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+            return write.write_all(error.to_line().as_bytes()).await;
+        }
+        if !budget.take(Instant::now()) {
+            log::warn!(
+                "control socket: hung up on uid {} (pid {:?}): more than {REQUEST_BURST} requests at once or {REQUESTS_PER_SECOND} a second",
+                credentials.uid(),
+                credentials.pid()
+            );
+            let error = Response::error(format!(
+                "rate limit: at most {REQUEST_BURST} requests at once and {REQUESTS_PER_SECOND} a second on one connection; reconnect and slow down"
+            ));
             return write.write_all(error.to_line().as_bytes()).await;
         }
         let request = match decode_request(&line) {
@@ -253,4 +366,30 @@ async fn events(
 
 fn poisoned() -> io::Error {
     io::Error::other("daemon state lock poisoned")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_connection_gets_a_burst_then_the_sustained_rate() {
+        let start = Instant::now();
+        let mut budget = RequestBudget::new(start);
+        for _ in 0..REQUEST_BURST {
+            assert!(budget.take(start));
+        }
+        assert!(!budget.take(start), "the burst is spent");
+        let one_request = Duration::from_secs(1) / REQUESTS_PER_SECOND;
+        assert!(budget.take(start + one_request));
+        assert!(!budget.take(start + one_request));
+        // An idle connection earns back its burst, and no more.
+        let later = start + Duration::from_secs(3600);
+        for _ in 0..REQUEST_BURST {
+            assert!(budget.take(later));
+        }
+        assert!(!budget.take(later));
+    }
 }
