@@ -49,6 +49,62 @@ fn systemd_unit_verifies_and_notifies() {
 }
 
 #[test]
+fn systemd_unit_hardening_rates_ok_or_better() {
+    let unit = repo_file("deploy/systemd/portguard.service");
+    // What the daemon needs under the hardening: bpffs and the sysctl writable, Unix sockets,
+    // and the host's network namespace (the reserved-ports sysctl is per namespace).
+    for line in [
+        "ReadWritePaths=/sys/fs/bpf /proc/sys/net/ipv4/ip_local_reserved_ports",
+        "RestrictAddressFamilies=AF_UNIX",
+        "NoNewPrivileges=yes",
+        "RuntimeDirectory=portguard",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks `{line}`");
+    }
+    assert!(!unit.contains("PrivateNetwork=yes"));
+    let dir = std::env::temp_dir().join(format!("portguard-security-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("portguard.service");
+    std::fs::write(&path, &unit).expect("write unit");
+    // PID 1 need not be systemd: judge the unit file alone.
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is installed by `cargo xtask test`");
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "systemd-analyze security: {}{report}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "→ Overall exposure level for portguard.service: 1.8 OK 🙂"
+    let overall = report
+        .lines()
+        .find_map(|line| line.split_once("Overall exposure level for portguard.service: "))
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("no overall exposure level in:\n{report}"));
+    let mut words = overall.split_whitespace();
+    let exposure: f64 = words
+        .next()
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure number in `{overall}`"));
+    let level = words.next().unwrap_or_default();
+    assert!(
+        ["OK", "SAFE", "PERFECT"].contains(&level) && exposure < 5.0,
+        "the unit's exposure is {exposure} {level}; it must be OK or better:\n{report}"
+    );
+    portguard_tests::reliability::record(
+        "security-systemd-unit",
+        &[format!(
+            "systemd unit: `systemd-analyze security --offline=yes` rates \
+             deploy/systemd/portguard.service {exposure} {level} (OK or better is required)"
+        )],
+    );
+}
+
+#[test]
 fn daemonset_is_well_formed_and_its_policy_is_valid() {
     let documents =
         YamlLoader::load_from_str(&repo_file("deploy/kubernetes/portguard-daemonset.yaml"))
