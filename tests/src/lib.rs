@@ -2,6 +2,8 @@
 //! there, and probe processes placed in scope cgroups. Every guard cleans up on drop.
 
 pub mod bpf_query;
+pub mod bpf_raw;
+pub mod faults;
 pub mod reliability;
 
 use std::{

@@ -21,6 +21,10 @@
 //!   connect-until FILE PORT tcp|udp LO HI
 //!                              the same with connect() of new sockets to 127.0.0.1:PORT
 //!   hold FILE                  print {"op":"hold"} and wait (30 s at most) until FILE exists
+//!   move DIR                   move this process into the cgroup at DIR (its sockets stay open)
+//!   write N                    write one byte on the N-th kept (connected) socket
+//!   linger0 N                  set SO_LINGER 0 on the N-th kept socket, so that closing a TCP
+//!                              connection resets it and leaves no TIME_WAIT on its port
 //! Each result: {"op":..,"proto":..,"port":local port or 0,"errno":0 or the errno,"count":..}
 
 use std::{io, os::fd::RawFd};
@@ -202,6 +206,33 @@ fn main() {
                 unsafe { libc::close(fd) };
                 report(op, "-", Ok(0), None);
             }
+            "move" => {
+                let dir = next();
+                std::fs::write(
+                    format!("{dir}/cgroup.procs"),
+                    std::process::id().to_string(),
+                )
+                .unwrap_or_else(|error| panic!("cannot move into {dir}: {error}"));
+                report(op, "-", Ok(0), None);
+            }
+            "write" => {
+                let index: usize = next().parse().expect("index");
+                let fd = kept[index].expect("socket closed");
+                // SAFETY: valid fd and buffer.
+                let written = unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+                let result = if written == 1 {
+                    Ok(local_port(fd))
+                } else {
+                    Err(io::Error::last_os_error())
+                };
+                report(op, "-", result, None);
+            }
+            "linger0" => {
+                let index: usize = next().parse().expect("index");
+                let fd = kept[index].expect("socket closed");
+                set_linger0(fd);
+                report(op, "-", Ok(local_port(fd)), None);
+            }
             other => panic!("unknown op {other}"),
         }
     }
@@ -304,6 +335,25 @@ fn connect(fd: RawFd, port: u16) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// SO_LINGER with a zero timeout: close() sends a reset instead of a FIN.
+fn set_linger0(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option buffer.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(ret, 0, "SO_LINGER: {}", io::Error::last_os_error());
 }
 
 fn local_port(fd: RawFd) -> u16 {
