@@ -2,7 +2,7 @@
 //! cgroups and reload on request until a signal.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -24,7 +24,8 @@ use crate::{
     control::{self, Access},
     event_log,
     live_state::{LiveState, Received, ReloadOutcome, decode},
-    loader::Enforcer,
+    loader::{Enforcer, LoadError},
+    pins,
     policy::{HostPorts, Mode, Policy, assign_ids, compile, host_warnings},
     policy_file::PolicySource,
     reserved_ports,
@@ -133,10 +134,17 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     };
     runtime.block_on(async {
         let socket = control::bind(&args.socket, access)?;
-        let replaced = running
-            .enforcer
-            .attach(&attach_at, &args.pin_path)
-            .with_context(|| format!("attaching to cgroup {}", attach_at.display()))?;
+        let replaced = match running.enforcer.attach(&attach_at, &args.pin_path) {
+            Ok(replaced) => replaced,
+            Err(error) => {
+                return Err(refuse_attach(
+                    error,
+                    &running.enforcer,
+                    &attach_at,
+                    &args.pin_path,
+                ));
+            }
+        };
         if replaced > 0 {
             log::info!("replaced {replaced} link(s) an earlier daemon left, without a gap");
         }
@@ -441,6 +449,59 @@ fn running_state_held(state: &Mutex<LiveState>, cgroups: &mut ScopeCgroups) -> a
         state.record(event, at, now);
     }
     Ok(())
+}
+
+/// A daemon whose programs the kernel would not attach leaves the installation as it found it
+/// (the loader has already removed the links of this attempt): an adopted installation keeps the
+/// earlier daemon's links, enforcing on the maps, which hold this daemon's policy in full; a new
+/// one is removed again, with the ports it reserved, so that nothing is left half-applied.
+fn refuse_attach(
+    error: LoadError,
+    enforcer: &Enforcer,
+    attach_at: &Path,
+    pins: &Path,
+) -> anyhow::Error {
+    let refused = anyhow::Error::new(error);
+    let hint = if refused
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.raw_os_error() == Some(libc::EPERM))
+    {
+        " (is another program attached there without BPF_F_ALLOW_MULTI?)"
+    } else {
+        ""
+    };
+    let refused = refused.context(format!(
+        "attaching to cgroup {}{hint}; no program of this daemon stays attached",
+        attach_at.display()
+    ));
+    if enforcer.adopted() {
+        log::info!(
+            "the links an earlier daemon pinned in {} stay in force",
+            pins.display()
+        );
+    } else {
+        let undone = enforcer
+            .reserved()
+            .map_err(anyhow::Error::from)
+            .and_then(|mut ours| {
+                let (_, returned) = reserved_ports::apply(&PortBitmap::EMPTY, &mut ours)
+                    .context("returning the reserved ports")?;
+                let (_, maps) = pins::uninstall(pins)?;
+                Ok((returned, maps))
+            });
+        match undone {
+            Ok((returned, maps)) => log::info!(
+                "removed the {maps} map(s) this daemon pinned in {} and returned {returned} reserved port(s)",
+                pins.display()
+            ),
+            Err(error) => log::warn!(
+                "cannot remove what this daemon pinned in {}: {error:#} (`portguard uninstall` does)",
+                pins.display()
+            ),
+        }
+    }
+    refused.context("not starting")
 }
 
 /// Reserves the policy's ranges in the sysctl (or gives ours back with `reserve = false`). The

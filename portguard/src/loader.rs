@@ -8,7 +8,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, Program, links::FdLink},
+    programs::{
+        CgroupAttachMode, Program,
+        links::{FdLink, PinnedLink},
+    },
 };
 use aya_log::EbpfLogger;
 use portguard_common::{
@@ -238,52 +241,51 @@ impl Enforcer {
     }
 
     /// Attaches every program to the cgroup at `dir`, alongside any other program there, and pins
-    /// each link in `pins` so that enforcement outlives the daemon. Links an earlier daemon
-    /// pinned there are detached only once the new ones are attached and pinned, so there is no
-    /// moment without enforcement; while both run, the per-socket records keep anything from
-    /// being counted twice. Returns how many earlier links were replaced.
+    /// each link in `pins` so that enforcement outlives the daemon. All or nothing: every
+    /// program is attached before any link is pinned, so if the kernel refuses one (another
+    /// tool's program attached there without `BPF_F_ALLOW_MULTI`) or the daemon dies meanwhile,
+    /// the links close with it and no hook is left enforcing without the others; the five pins
+    /// then follow one another within microseconds. Links an earlier daemon pinned there are
+    /// detached only once all the new ones are attached and pinned, so there is no moment
+    /// without enforcement; while both run, the per-socket records keep anything from being
+    /// counted twice. Returns how many earlier links were replaced.
     pub fn attach(&mut self, dir: &Path, pins: &Path) -> Result<usize, LoadError> {
         let cgroup = File::open(dir).map_err(|source| LoadError::Cgroup {
             path: dir.display().to_string(),
             source,
         })?;
-        let mut replaced = 0;
+        // Read before staging: the staged pins of this attempt are named like a crashed
+        // daemon's.
+        let mut earlier = vec![];
         for name in ALL_PROGRAMS {
-            let earlier = pins::earlier_links(pins, name)?;
-            let program = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?;
-            // Single creates a BPF link, which coexists with other programs on the cgroup.
-            let link: FdLink = match program {
-                Program::CgroupSockAddr(program) => {
-                    let id = program
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    let link = program
-                        .take_link(id)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    link.try_into()
-                        .map_err(|source| LoadError::Link { name, source })?
-                }
-                Program::CgroupSock(program) => {
-                    let id = program
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    let link = program
-                        .take_link(id)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    link.try_into()
-                        .map_err(|source| LoadError::Link { name, source })?
-                }
-                _ => return Err(LoadError::MissingProgram(name)),
-            };
+            earlier.push(pins::earlier_links(pins, name)?);
+        }
+        let mut links = vec![];
+        for name in ALL_PROGRAMS {
+            // On an error the links attached so far are dropped, which detaches them.
+            links.push((name, self.attach_link(name, &cgroup)?));
+        }
+        let mut staged: Vec<(&str, PathBuf, PinnedLink)> = vec![];
+        for (name, link) in links {
             // bpffs refuses names with a dot.
-            let staged = pins.join(format!("link_{name}_staged_{}", pins::staging_suffix()));
-            let pinned = link.pin(&staged).map_err(|source| LoadError::Pin {
-                path: staged.display().to_string(),
-                source: std::io::Error::other(source),
-            })?;
+            let path = pins.join(format!("link_{name}_staged_{}", pins::staging_suffix()));
+            match link.pin(&path) {
+                Ok(pinned) => staged.push((name, path, pinned)),
+                Err(source) => {
+                    for (_, path, pinned) in staged {
+                        if let Err(error) = pinned.unpin() {
+                            log::warn!("cannot remove the staged link {}: {error}", path.display());
+                        }
+                    }
+                    return Err(LoadError::Pin {
+                        path: path.display().to_string(),
+                        source: std::io::Error::other(source),
+                    });
+                }
+            }
+        }
+        let mut replaced = 0;
+        for ((name, path, pinned), earlier) in staged.into_iter().zip(earlier) {
             // Unpinning keeps each earlier link attached until its fd closes at the end of
             // this iteration, after the new one is in place.
             let mut detach = vec![];
@@ -295,7 +297,7 @@ impl Enforcer {
                 replaced += 1;
             }
             let final_path = pins.join(format!("link_{name}"));
-            fs::rename(&staged, &final_path).map_err(|source| LoadError::Pin {
+            fs::rename(&path, &final_path).map_err(|source| LoadError::Pin {
                 path: final_path.display().to_string(),
                 source,
             })?;
@@ -303,6 +305,38 @@ impl Enforcer {
             drop(detach);
         }
         Ok(replaced)
+    }
+
+    /// Attaches program `name` at `cgroup` as a BPF link, held only by the returned descriptor.
+    fn attach_link(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, LoadError> {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?;
+        // Single creates a BPF link, which coexists with other programs on the cgroup.
+        match program {
+            Program::CgroupSockAddr(program) => {
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                link.try_into()
+                    .map_err(|source| LoadError::Link { name, source })
+            }
+            Program::CgroupSock(program) => {
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                link.try_into()
+                    .map_err(|source| LoadError::Link { name, source })
+            }
+            _ => Err(LoadError::MissingProgram(name)),
+        }
     }
 
     /// Gives cgroup instance `instance` of pool scope `pool` its own block: the pool's rule and
