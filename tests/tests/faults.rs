@@ -12,10 +12,14 @@ use std::{
 };
 
 use portguard_tests::{
-    Daemon, TestCgroup,
+    Daemon, EPERM, RunningProbe, TestCgroup,
     bpf_query::{BPF_CGROUP_INET4_CONNECT, portguard_programs},
-    bpf_raw, errno,
-    faults::{LoopbackPeer, kill9, pins, reserved_any, spawn_daemon},
+    bpf_raw::{self, PinnedMap},
+    errno,
+    faults::{
+        LoopbackPeer, MountNamespace, NamespaceFault, StopFile, kill9, pins, reserved_any,
+        spawn_daemon,
+    },
     port, privileged, probe,
     reliability::record,
 };
@@ -160,6 +164,382 @@ fn kill_9_while_loading_leaves_all_hooks_or_none_and_a_restart_is_correct() {
 }
 
 #[test]
+fn kill_9_during_a_reload_leaves_old_or_new_ranges_and_a_restart_applies_the_file() {
+    if !privileged("kill_9_during_a_reload_leaves_old_or_new_ranges_and_a_restart_applies_the_file")
+    {
+        return;
+    }
+    let cgroup = TestCgroup::new("killreload");
+    let web = cgroup.child("web");
+    let db = cgroup.child("db");
+    let peer = LoopbackPeer::new(2901);
+    // Both scopes move to another range with every reload; ten filler scopes make the reload
+    // write more.
+    let policy = |second: bool| {
+        let (w, d) = if second {
+            ("2120-2129", "2140-2149")
+        } else {
+            ("2110-2119", "2130-2139")
+        };
+        let mut text = scope("web", &cgroup.rel("web"), w) + &scope("db", &cgroup.rel("db"), d);
+        for i in 0..10u16 {
+            let lo = 2150 + i * 5 + if second { 0 } else { 50 };
+            text += &scope(
+                &format!("filler{i}"),
+                &cgroup.rel(&format!("filler{i}")),
+                &format!("{lo}-{}", lo + 4),
+            );
+        }
+        text
+    };
+    let ranges = |second: bool| {
+        if second {
+            ((2120, 2129), (2140, 2149))
+        } else {
+            ((2110, 2119), (2130, 2139))
+        }
+    };
+    let mut daemon = Daemon::start(&cgroup, &policy(false));
+    let (mut kills, mut sockets) = (0, 0);
+    for round in 0..8u32 {
+        let second = round % 2 == 0;
+        daemon.write_policy(&policy(second));
+        daemon.signal(libc::SIGHUP);
+        // From the signal to well past the end of a reload.
+        std::thread::sleep(Duration::from_micros(u64::from(round) * 1500));
+        let log = kill9(daemon);
+        kills += 1;
+        let when = format!("round {round}, log:\n{log}");
+        assert_eq!(portguard_programs(&cgroup.root), [1, 1, 1, 1, 1], "{when}");
+        // Each scope is in its old range or its new one, never unscoped or elsewhere.
+        let (old, new) = (ranges(!second), ranges(second));
+        for (dir, old, new) in [(&web, old.0, new.0), (&db, old.1, new.1)] {
+            let r = probe(
+                dir,
+                &[
+                    "bind",
+                    "udp",
+                    "0",
+                    "connect",
+                    "tcp",
+                    &peer.arg(),
+                    "linger0",
+                    "1",
+                ],
+            );
+            for result in &r {
+                assert_eq!(errno(result), 0, "{when}: {result}");
+                assert!(
+                    in_range(port(result), old) || in_range(port(result), new),
+                    "{when}: outside both {old:?} and {new:?}: {result}"
+                );
+            }
+            sockets += r.len();
+        }
+        // The restarted daemon applies the file as it is now: the new ranges, and nobody owns
+        // the old ones any more.
+        daemon = Daemon::start(&cgroup, &policy(second));
+        assert_clean_pins(&cgroup, &when);
+        sockets += assert_steered(&web, &peer, new.0, &when);
+        sockets += assert_steered(&db, &peer, new.1, &when);
+        let r = probe(
+            &cgroup.root,
+            &[
+                "bind",
+                "tcp",
+                &old.0.0.to_string(),
+                "bind",
+                "tcp",
+                &new.0.0.to_string(),
+            ],
+        );
+        assert_eq!(errno(&r[0]), 0, "{when}: the old range is free: {}", r[0]);
+        assert_eq!(
+            errno(&r[1]),
+            EPERM,
+            "{when}: the new range is owned: {}",
+            r[1]
+        );
+        let status = daemon.status();
+        assert_eq!(
+            status["scopes"].as_array().map(Vec::len),
+            Some(12),
+            "{status}"
+        );
+    }
+    drop(daemon);
+    record(
+        "faults-2-kill-during-reload",
+        &[format!(
+            "kill -9 during a reload (SIGHUP, then 0-10.5 ms): {kills} kills; every scope kept its \
+             old or its new range, and each restart applied the file in full; {sockets} sockets checked"
+        )],
+    );
+}
+
+/// Event lines the daemon logged for probe processes (RUST_LOG=debug logs every event).
+fn probe_event_lines(log: &str) -> u64 {
+    log.lines()
+        .filter(|line| line.contains(" (pg-probe) cgroup "))
+        .count() as u64
+}
+
+#[test]
+fn kill_9_under_an_event_flood_keeps_enforcing_and_every_event_is_read_or_counted_lost() {
+    if !privileged(
+        "kill_9_under_an_event_flood_keeps_enforcing_and_every_event_is_read_or_counted_lost",
+    ) {
+        return;
+    }
+    let cgroup = TestCgroup::new("killflood");
+    let flood = cgroup.child("flood");
+    let web = cgroup.child("web");
+    let peer = LoopbackPeer::new(2902);
+    let text = scope("flood", &cgroup.rel("flood"), "2210-2219")
+        + &scope("web", &cgroup.rel("web"), "2220-2229");
+    // A small ring buffer (4 pages), so that the flood overflows it while no daemon reads.
+    let extra = ["--events-buffer", "16384"];
+    let mut first = spawn_daemon(&cgroup, &text, &extra, None);
+    first.wait_for_log("ready", Duration::from_secs(30));
+    let stop = StopFile::new(&cgroup, "stop");
+    // The flood: 200,000 binds on a bound socket, one event each (and one for the first bind).
+    const FLOOD: u64 = 200_000;
+    let mut producer = RunningProbe::spawn(
+        &flood,
+        &["rebind-paced", "udp", "0", &FLOOD.to_string(), "150000"],
+    );
+    // Through it all, a scoped child connects new sockets and checks every port.
+    let checker = {
+        let (web, stop, peer) = (web.clone(), stop.arg().to_owned(), peer.arg());
+        std::thread::spawn(move || {
+            probe(
+                &web,
+                &["connect-until", &stop, &peer, "udp", "2220", "2229"],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let first_log = kill9(first);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = spawn_daemon(&cgroup, &text, &extra, None);
+    second.wait_for_log("ready", Duration::from_secs(30));
+    let flooded = producer.next_result();
+    producer.finish();
+    stop.stop();
+    let checked = checker.join().expect("checker")[0].clone();
+    assert_eq!(
+        checked["outside"], 0,
+        "a socket escaped its range: {checked}"
+    );
+    assert_eq!(checked["failures"], 0, "{checked}");
+    assert_eq!(
+        flooded["failures"], FLOOD,
+        "each rebind fails EINVAL: {flooded}"
+    );
+    assert_clean_pins(&cgroup, "after the restart");
+    // Every event emitted was read by one of the daemons or counted lost. A record can be logged
+    // by the killed daemon an instant before it would have been marked read, and the next daemon
+    // then reads it again: at most one event counted twice, none missing. Wait (10 s at most)
+    // until the second daemon has read what the ring holds.
+    let connects = checked["count"].as_u64().expect("count");
+    let emitted = FLOOD + 1 + 2 * connects;
+    let start = Instant::now();
+    let (received, lost) = loop {
+        let lost = second.status()["lost_events"]
+            .as_u64()
+            .expect("lost_events");
+        let received = probe_event_lines(&first_log) + probe_event_lines(&second.log());
+        let accounted = received + lost;
+        if accounted == emitted || accounted == emitted + 1 {
+            break (received, lost);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "emitted {emitted}, received {received}, lost {lost}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Nothing more arrives afterwards either.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        probe_event_lines(&first_log) + probe_event_lines(&second.log()),
+        received
+    );
+    let kernel_lost = PinnedMap::open(&cgroup.pin_path().join("LOST_EVENTS")).per_cpu_u64_sum(0);
+    assert_eq!(
+        lost, kernel_lost,
+        "status and the kernel's LOST_EVENTS agree"
+    );
+    assert!(
+        lost > 0,
+        "the flood overflowed the ring while no daemon read it"
+    );
+    let steered = second.status()["scopes"][1]["steered"]
+        .as_u64()
+        .expect("steered");
+    assert_eq!(steered, connects, "counters carried over the kill");
+    record(
+        "faults-3-kill-under-flood",
+        &[format!(
+            "kill -9 under an event flood (16 KiB ring): {emitted} events emitted, {received} read by \
+             the killed and the restarted daemon, {lost} counted lost (status = kernel LOST_EVENTS); \
+             {connects} connects through the kill and restart, 0 outside their range"
+        )],
+    );
+}
+
+#[test]
+fn without_bpffs_the_daemon_mounts_it_and_a_pin_path_elsewhere_is_refused() {
+    if !privileged("without_bpffs_the_daemon_mounts_it_and_a_pin_path_elsewhere_is_refused") {
+        return;
+    }
+    let cgroup = TestCgroup::new("nobpffs");
+    let web = cgroup.child("web");
+    let peer = LoopbackPeer::new(2903);
+    let text = scope("web", &cgroup.rel("web"), "2230-2239");
+    let ns = MountNamespace::new(NamespaceFault::NoBpffs);
+    let bpffs = |ns: &MountNamespace| {
+        ns.mountinfo()
+            .lines()
+            .filter(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf "))
+            .count()
+    };
+    assert_eq!(bpffs(&ns), 0, "bpffs unmounted in the namespace");
+    let mut daemon = spawn_daemon(&cgroup, &text, &[], Some(&ns));
+    daemon.wait_for_log("ready", Duration::from_secs(30));
+    assert!(
+        daemon
+            .log()
+            .contains("mounted a bpf file system at /sys/fs/bpf"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(bpffs(&ns), 1);
+    assert!(
+        pins(&cgroup).is_empty(),
+        "the pins are in the new bpffs, not the host's"
+    );
+    let mut sockets = assert_steered(&web, &peer, (2230, 2239), "on a bpffs of its own");
+    // Killed, then restarted: the pins in that bpffs are adopted, nothing is mounted twice.
+    kill9(daemon);
+    sockets += assert_steered(&web, &peer, (2230, 2239), "killed");
+    let mut daemon = spawn_daemon(&cgroup, &text, &[], Some(&ns));
+    daemon.wait_for_log("ready", Duration::from_secs(30));
+    let log = daemon.log();
+    assert!(log.contains("adopting the pinned state"), "{log}");
+    assert!(!log.contains("mounted a bpf file system"), "{log}");
+    assert_eq!(bpffs(&ns), 1);
+    sockets += assert_steered(&web, &peer, (2230, 2239), "restarted");
+    drop(daemon);
+    let pin_path = cgroup.pin_path();
+    let root = cgroup.root.to_str().expect("utf-8");
+    let out = ns.portguard(&[
+        "uninstall",
+        "--pin-path",
+        pin_path.to_str().expect("utf-8"),
+        "--cgroup",
+        root,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
+    drop(ns);
+
+    // A pin path on no bpf file system, away from /sys/fs/bpf: nothing to mount, a refusal.
+    let elsewhere = std::env::temp_dir().join(format!("{}-pins", cgroup.relative));
+    let daemon = spawn_daemon(
+        &cgroup,
+        &text,
+        &["--pin-path", elsewhere.to_str().expect("utf-8")],
+        None,
+    );
+    let (code, log) = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("is not on a bpf file system (mount one, or use a path below /sys/fs/bpf)"),
+        "{log}"
+    );
+    assert!(!elsewhere.exists(), "nothing created");
+    assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
+    assert!(!reserved_any(2230, 2239));
+    record(
+        "faults-4-bpffs",
+        &[format!(
+            "bpffs missing: the daemon mounted it, survived kill -9 and was adopted ({sockets} sockets \
+             checked in range); a pin path on no bpffs was refused with nothing attached or reserved"
+        )],
+    );
+}
+
+#[test]
+fn a_missing_or_read_only_cgroup2_is_refused_or_enforced() {
+    if !privileged("a_missing_or_read_only_cgroup2_is_refused_or_enforced") {
+        return;
+    }
+    let cgroup = TestCgroup::new("cgroup2");
+    let web = cgroup.child("web");
+    let peer = LoopbackPeer::new(2904);
+    let text = scope("web", &cgroup.rel("web"), "2240-2249");
+    let refused = |daemon: Daemon, message: &str| {
+        let (code, log) = daemon.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(1), "{log}");
+        assert!(log.contains(message), "{log}");
+        assert!(pins(&cgroup).is_empty(), "nothing pinned: {log}");
+        assert!(!cgroup.pin_path().exists());
+        assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
+        assert!(!reserved_any(2240, 2249));
+    };
+    // An attach point that does not exist.
+    let missing = cgroup.mount().join(format!("{}-missing", cgroup.relative));
+    refused(
+        spawn_daemon(
+            &cgroup,
+            &text,
+            &["--cgroup", missing.to_str().expect("utf-8")],
+            None,
+        ),
+        &format!(
+            "cannot attach at {}: No such file or directory",
+            missing.display()
+        ),
+    );
+    // No cgroup2 file system at all.
+    let ns = MountNamespace::new(NamespaceFault::NoCgroup2(cgroup.mount().to_owned()));
+    refused(
+        spawn_daemon(&cgroup, &text, &[], Some(&ns)),
+        "no cgroup2 file system in /proc/self/mountinfo (portguard needs cgroup v2)",
+    );
+    drop(ns);
+    // cgroup2 mounted read-only: the daemon only reads it, and attaches through a descriptor.
+    let ns = MountNamespace::new(NamespaceFault::ReadOnlyCgroup2(cgroup.mount().to_owned()));
+    assert!(
+        ns.mountinfo().lines().any(
+            |l| l.contains(" - cgroup2 ") && l.split_whitespace().nth(5) == Some("ro,relatime")
+        ),
+        "{}",
+        ns.mountinfo()
+    );
+    let both = text.clone() + &scope("late", &cgroup.rel("late"), "2250-2259");
+    let mut daemon = spawn_daemon(&cgroup, &both, &[], Some(&ns));
+    daemon.wait_for_log("ready", Duration::from_secs(30));
+    assert_eq!(portguard_programs(&cgroup.root), [1; 5]);
+    let mut sockets = assert_steered(&web, &peer, (2240, 2249), "read-only cgroup2");
+    // A cgroup made later (outside the namespace) is still followed.
+    let late = cgroup.child("late");
+    daemon.wait_for_log("scope late: cgroup", Duration::from_secs(5));
+    sockets += assert_steered(&late, &peer, (2250, 2259), "a cgroup made later");
+    drop(daemon);
+    drop(ns);
+    record(
+        "faults-5-cgroup2",
+        &[format!(
+            "cgroup2: a missing attach point and a host without cgroup2 were refused with nothing \
+             pinned, attached or reserved; on a read-only cgroup2 mount the daemon enforced \
+             ({sockets} sockets checked in range)"
+        )],
+    );
+}
+
+#[test]
 fn a_cgroup_another_program_holds_exclusively_is_refused_with_nothing_left_attached() {
     if !privileged(
         "a_cgroup_another_program_holds_exclusively_is_refused_with_nothing_left_attached",
@@ -226,5 +606,93 @@ fn a_cgroup_another_program_holds_exclusively_is_refused_with_nothing_left_attac
              attached, 0 pins, 0 ports reserved; {} sockets checked",
             sockets + r.len()
         )],
+    );
+}
+
+#[test]
+fn a_scope_cgroup_removed_under_live_sockets_leaks_nothing() {
+    if !privileged("a_scope_cgroup_removed_under_live_sockets_leaks_nothing") {
+        return;
+    }
+    let cgroup = TestCgroup::new("rmscope");
+    let web = cgroup.child("web");
+    let elsewhere = cgroup.child("elsewhere");
+    let peer = LoopbackPeer::new(2906);
+    let daemon = Daemon::start(&cgroup, &scope("web", &cgroup.rel("web"), "2270-2279"));
+    let sockets_map = || PinnedMap::open(&cgroup.pin_path().join("SOCKETS")).entries_in_use();
+    let scoped_map =
+        || PinnedMap::open(&cgroup.pin_path().join("SCOPE_BY_CGROUP")).entries_in_use();
+    let (sockets_before, scoped_before) = (sockets_map(), scoped_map());
+    assert_eq!(scoped_before, 1);
+    let release = StopFile::new(&cgroup, "release");
+    let elsewhere_arg = elsewhere.to_str().expect("utf-8").to_owned();
+    let mut holder = RunningProbe::spawn(
+        &web,
+        &[
+            "bind",
+            "udp",
+            "0",
+            "connect",
+            "tcp",
+            &peer.arg(),
+            "move",
+            &elsewhere_arg,
+            "hold",
+            release.arg(),
+            "send",
+            "0",
+            &peer.arg(),
+            "write",
+            "1",
+            "close",
+            "0",
+            "close",
+            "1",
+        ],
+    );
+    let held: Vec<u16> = (0..2).map(|_| port(&holder.next_result())).collect();
+    assert!(held.iter().all(|&p| in_range(p, (2270, 2279))), "{held:?}");
+    holder.next_result();
+    holder.next_result();
+    // The process left; the cgroup goes while its sockets live on.
+    std::fs::remove_dir(&web).expect("rmdir the scope cgroup");
+    portguard_tests::wait_until("the cgroup dropped", || {
+        daemon.status()["scopes"][0]["cgroups"] == serde_json::json!([])
+    });
+    let status = daemon.status();
+    assert_eq!(
+        status["scopes"][0]["in_use"], 2,
+        "the live sockets still count: {status}"
+    );
+    assert_eq!(scoped_map(), scoped_before - 1, "its map entry is gone");
+    assert_eq!(
+        sockets_map(),
+        sockets_before + 2,
+        "both sockets still recorded"
+    );
+    // The sockets keep working, and their ports stay theirs.
+    release.stop();
+    let used: Vec<_> = (0..2).map(|_| holder.next_result()).collect();
+    assert!(used.iter().all(|r| errno(r) == 0), "{used:?}");
+    assert_eq!(port(&used[0]), held[0], "{used:?}");
+    assert_eq!(port(&used[1]), held[1], "{used:?}");
+    holder.next_result();
+    holder.next_result();
+    holder.finish();
+    portguard_tests::wait_until("the ports released", || {
+        daemon.status()["scopes"][0]["in_use"] == 0
+    });
+    assert_eq!(sockets_map(), sockets_before, "no socket record left");
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0));
+    assert!(log.contains("no longer scoped"), "{log}");
+    assert_eq!(log.matches("released ").count(), 2, "{log}");
+    record(
+        "faults-7-scope-cgroup-removed",
+        &[
+            "a scope cgroup removed under 2 live sockets: both kept working on their ports, were \
+           released and accounted when closed; 0 socket records and 0 cgroup entries left"
+                .to_owned(),
+        ],
     );
 }
