@@ -696,3 +696,103 @@ fn a_scope_cgroup_removed_under_live_sockets_leaks_nothing() {
         ],
     );
 }
+
+#[test]
+fn a_policy_file_deleted_truncated_or_renamed_over_is_refused_or_applied_whole() {
+    if !privileged("a_policy_file_deleted_truncated_or_renamed_over_is_refused_or_applied_whole") {
+        return;
+    }
+    let cgroup = TestCgroup::new("policyfile");
+    let web = cgroup.child("web");
+    let peer = LoopbackPeer::new(2907);
+    let first = scope("web", &cgroup.rel("web"), "2280-2289");
+    let second = scope("web", &cgroup.rel("web"), "2290-2299");
+    let daemon = Daemon::start(&cgroup, &first);
+    let path = daemon.policy_path().to_owned();
+    let mut sockets = 0;
+    let mut refused = |how: &str, expected: &str, by_signal: bool| {
+        let message = if by_signal {
+            daemon.signal(libc::SIGHUP);
+            let start = Instant::now();
+            loop {
+                let status = daemon.status();
+                if status["last_reload"]["ok"] == false {
+                    break status["last_reload"]["error"]
+                        .as_str()
+                        .expect("error")
+                        .to_owned();
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "{how}: no refusal: {status}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            let out = daemon.cli(&["reload"]);
+            assert_eq!(out.status.code(), Some(1), "{how}: {out:?}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        };
+        assert!(message.contains(expected), "{how}: {message}");
+        assert!(
+            daemon.log().contains(&format!(
+                "reload refused; the running policy stays in force:\n{expected}"
+            )) || daemon.log().contains(expected),
+            "{how}: {}",
+            daemon.log()
+        );
+        sockets += assert_steered(&web, &peer, (2280, 2289), how);
+        assert_eq!(portguard_programs(&cgroup.root), [1; 5], "{how}");
+    };
+    let name = path.display().to_string();
+    std::fs::remove_file(&path).expect("delete the policy");
+    refused(
+        "deleted, SIGHUP",
+        &format!("cannot open policy {name}"),
+        true,
+    );
+    refused(
+        "deleted, reload",
+        &format!("cannot open policy {name}"),
+        false,
+    );
+    // Truncated, as an editor writing in place would leave it for a moment.
+    std::fs::write(&path, "").expect("truncate");
+    refused(
+        "truncated, SIGHUP",
+        &format!("{name}:1:1: the policy is empty"),
+        true,
+    );
+    // Cut short in the middle of a scope.
+    std::fs::write(&path, &second[..second.len() - 12]).expect("half written");
+    refused("half written, reload", &format!("{name}:"), false);
+    // Renamed over: a broken file is refused, a good one applied whole.
+    let staging = path.with_extension("new");
+    std::fs::write(&staging, second.replace("2290-2299", "2299-2290")).expect("write");
+    std::fs::rename(&staging, &path).expect("rename over");
+    refused(
+        "renamed over with errors",
+        "range 2299-2290 is inverted",
+        false,
+    );
+    std::fs::write(&staging, &second).expect("write");
+    std::fs::rename(&staging, &path).expect("rename over");
+    let out = daemon.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    sockets += assert_steered(&web, &peer, (2290, 2299), "renamed over, good");
+    let status = daemon.status();
+    assert_eq!(
+        status["scopes"][0]["range"],
+        serde_json::json!([2290, 2299]),
+        "{status}"
+    );
+    assert_eq!(status["last_reload"]["ok"], true);
+    record(
+        "faults-8-policy-file",
+        &[format!(
+            "policy file deleted (SIGHUP and reload), truncated, half written and renamed over with \
+             errors: 5 reloads refused with the old policy in force; renamed over with a good policy: \
+             applied whole; {sockets} sockets checked in range"
+        )],
+    );
+}
