@@ -413,6 +413,7 @@ impl Running {
                 log::log!(level, "{}", event_log::describe(&record));
             }
         }
+        state.count_received(read);
         state.refresh_peaks(false);
         Ok(read)
     }
