@@ -142,6 +142,18 @@ pub fn spawn_daemon(
     extra: &[&str],
     ns: Option<&MountNamespace>,
 ) -> Daemon {
+    spawn_daemon_logging(cgroup, policy, extra, ns, "debug,aya=warn,aya_obj=warn")
+}
+
+/// [`spawn_daemon`] with `RUST_LOG=rust_log`: at `info` the daemon logs no allowed or steered
+/// event, as in production, which keeps a debug build of it from spending a load test logging.
+pub fn spawn_daemon_logging(
+    cgroup: &TestCgroup,
+    policy: &str,
+    extra: &[&str],
+    ns: Option<&MountNamespace>,
+    rust_log: &str,
+) -> Daemon {
     let policy_path = cgroup_temp_file(cgroup, "policy.toml");
     std::fs::write(&policy_path, policy).expect("write policy");
     let log = cgroup_temp_file(cgroup, "daemon.log");
@@ -163,7 +175,7 @@ pub fn spawn_daemon(
     }
     command
         .args(extra)
-        .env("RUST_LOG", "debug,aya=warn,aya_obj=warn")
+        .env("RUST_LOG", rust_log)
         .stdout(Stdio::null())
         .stderr(log_file);
     if let Some(ns) = ns {

@@ -20,6 +20,11 @@
 //!                              the same until FILE exists (60 s at most), reporting the count
 //!   connect-until FILE PORT tcp|udp LO HI
 //!                              the same with connect() of new sockets to 127.0.0.1:PORT
+//!   connect-loop tcp|udp|mix PORT N LO HI
+//!                              N times: connect a new socket to 127.0.0.1:PORT (mix: TCP and
+//!                              UDP by turns), check its port is in LO-HI, close it (a TCP one
+//!                              with a reset, so no TIME_WAIT holds the port); report how many
+//!                              of each, how many were outside LO-HI and how many failed
 //!   hold FILE                  print {"op":"hold"} and wait (30 s at most) until FILE exists
 //!   move DIR                   move this process into the cgroup at DIR (its sockets stay open)
 //!   write N                    write one byte on the N-th kept (connected) socket
@@ -177,6 +182,48 @@ fn main() {
                 }
                 println!(
                     "{{\"op\":\"{op}\",\"proto\":\"{proto}\",\"port\":0,\"errno\":0,\"count\":{done},\"outside\":{outside},\"failures\":{failures},\"pid\":{}}}",
+                    std::process::id()
+                );
+            }
+            "connect-loop" => {
+                let mode = next();
+                let port: u16 = next().parse().expect("port");
+                let times: usize = next().parse().expect("count");
+                let lo: u16 = next().parse().expect("lo");
+                let hi: u16 = next().parse().expect("hi");
+                let (mut tcp, mut udp, mut outside, mut failures) = (0, 0, 0, 0);
+                let mut first_errno = 0;
+                for call in 0..times {
+                    let proto = match mode {
+                        "mix" if call % 2 == 0 => "tcp",
+                        "mix" => "udp",
+                        other => other,
+                    };
+                    let fd = socket(proto);
+                    match connect(fd, port) {
+                        Ok(()) => {
+                            if !(lo..=hi).contains(&local_port(fd)) {
+                                outside += 1;
+                            }
+                            if proto == "tcp" {
+                                set_linger0(fd);
+                                tcp += 1;
+                            } else {
+                                udp += 1;
+                            }
+                        }
+                        Err(error) => {
+                            failures += 1;
+                            if first_errno == 0 {
+                                first_errno = error.raw_os_error().unwrap_or(-1);
+                            }
+                        }
+                    }
+                    // SAFETY: closing our own fd.
+                    unsafe { libc::close(fd) };
+                }
+                println!(
+                    "{{\"op\":\"connect-loop\",\"proto\":\"{mode}\",\"port\":0,\"errno\":{first_errno},\"count\":{times},\"tcp\":{tcp},\"udp\":{udp},\"outside\":{outside},\"failures\":{failures},\"pid\":{}}}",
                     std::process::id()
                 );
             }
