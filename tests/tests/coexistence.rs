@@ -6,7 +6,7 @@
 //! program before and after the daemon starts, across a reload and a restart, and after
 //! `portguard uninstall`, which must leave it attached.
 //!
-//! Ports 2300-2399 and the loopback peer 2950.
+//! Ports 2910-2942 and the loopback peer 2950.
 
 use std::path::Path;
 
@@ -22,7 +22,7 @@ use portguard_tests::{
 
 fn policy(cgroup: &TestCgroup, db_range: &str) -> String {
     format!(
-        "[[scope]]\nname = \"web\"\ncgroup = \"{}\"\nephemeral = \"2300-2309\"\n\
+        "[[scope]]\nname = \"web\"\ncgroup = \"{}\"\nephemeral = \"2910-2919\"\n\
          [[scope]]\nname = \"db\"\ncgroup = \"{}\"\nephemeral = \"{db_range}\"\n",
         cgroup.rel("web"),
         cgroup.rel("db"),
@@ -44,13 +44,13 @@ fn assert_decisions(
         &[
             "bind",
             "tcp",
-            "2390", // the foreign program at the root refuses it
+            "2940", // the foreign program at the root refuses it
             "bind",
             "udp",
-            "2391", // the one on web refuses it
+            "2941", // the one on web refuses it
             "bind",
             "tcp",
-            "2392", // nobody's: allowed
+            "2942", // nobody's: allowed
             "bind",
             "udp",
             "0", // steered by portguard
@@ -59,7 +59,7 @@ fn assert_decisions(
             &peer.arg(), // steered by portguard
             "bind",
             "tcp",
-            "2315", // db's range: portguard refuses it
+            "2925", // db's range: portguard refuses it
         ],
     );
     let expect = |i: usize, want: i64, what: &str| {
@@ -71,7 +71,7 @@ fn assert_decisions(
     for result in &r[3..5] {
         assert_eq!(errno(result), 0, "{when}: {result}");
         assert_eq!(
-            (2300..=2309).contains(&port(result)),
+            (2910..=2919).contains(&port(result)),
             portguard,
             "{when}: steered only with portguard: {result}"
         );
@@ -81,7 +81,7 @@ fn assert_decisions(
         if portguard { EPERM } else { 0 },
         "another scope's range",
     );
-    let o = probe(&outside, &["bind", "tcp", "2390", "bind", "tcp", "2305"]);
+    let o = probe(&outside, &["bind", "tcp", "2940", "bind", "tcp", "2915"]);
     assert_eq!(
         errno(&o[0]),
         EPERM,
@@ -132,31 +132,31 @@ fn a_foreign_socket_bind_filter_and_portguard_both_hold_in_every_order() {
     let mut calls = 0;
 
     // First the foreign program, as a link on the attach point, then the daemon.
-    let deny_root = bpf_raw::load_bind_deny(2390);
+    let deny_root = bpf_raw::load_bind_deny(2940);
     let root_link = bpf_raw::link_create(&deny_root, &cgroup.root, BPF_CGROUP_INET4_BIND)
         .expect("link the foreign program");
     let root_id = bpf_raw::prog_id(&deny_root);
     calls += assert_decisions(&cgroup, &peer, false, false, "foreign program alone");
-    let daemon = Daemon::start(&cgroup, &policy(&cgroup, "2310-2319"));
+    let daemon = Daemon::start(&cgroup, &policy(&cgroup, "2920-2929"));
     assert_eq!(portguard_programs(&cgroup.root), [2, 1, 1, 1, 1]);
     assert!(bind_ids(&cgroup.root).contains(&root_id));
     calls += assert_decisions(&cgroup, &peer, true, false, "foreign first, then portguard");
 
     // Then one attached after the daemon, the older way, on the scope's own cgroup (where
     // systemd puts a unit's filter).
-    let deny_web = bpf_raw::load_bind_deny(2391);
+    let deny_web = bpf_raw::load_bind_deny(2941);
     bpf_raw::prog_attach(&deny_web, &web, BPF_CGROUP_INET4_BIND, BPF_F_ALLOW_MULTI)
         .expect("attach with BPF_F_ALLOW_MULTI");
     let web_id = bpf_raw::prog_id(&deny_web);
     calls += assert_decisions(&cgroup, &peer, true, true, "foreign after portguard");
 
     // A reload that changes a scope, then a restart after kill -9 (which replaces every link).
-    daemon.write_policy(&policy(&cgroup, "2310-2318"));
+    daemon.write_policy(&policy(&cgroup, "2920-2928"));
     let out = daemon.cli(&["reload"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     calls += assert_decisions(&cgroup, &peer, true, true, "after a reload");
     kill9(daemon);
-    let mut daemon = Daemon::start(&cgroup, &policy(&cgroup, "2310-2318"));
+    let mut daemon = Daemon::start(&cgroup, &policy(&cgroup, "2920-2928"));
     daemon.wait_for_log("replaced 5 link(s)", std::time::Duration::from_secs(5));
     assert_eq!(portguard_programs(&cgroup.root), [2, 1, 1, 1, 1]);
     assert!(bind_ids(&cgroup.root).contains(&root_id));
@@ -173,7 +173,7 @@ fn a_foreign_socket_bind_filter_and_portguard_both_hold_in_every_order() {
     calls += assert_decisions(&cgroup, &peer, false, true, "after uninstall");
 
     // And a daemon started again next to both is as before.
-    let daemon = Daemon::start(&cgroup, &policy(&cgroup, "2310-2319"));
+    let daemon = Daemon::start(&cgroup, &policy(&cgroup, "2920-2929"));
     calls += assert_decisions(&cgroup, &peer, true, true, "started again");
     drop(daemon);
     bpf_raw::prog_detach(&deny_web, &web, BPF_CGROUP_INET4_BIND).expect("detach");
