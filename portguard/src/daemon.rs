@@ -452,10 +452,11 @@ fn running_state_held(state: &Mutex<LiveState>, cgroups: &mut ScopeCgroups) -> a
     Ok(())
 }
 
-/// A daemon whose programs the kernel would not attach leaves the installation as it found it
-/// (the loader has already removed the links of this attempt): an adopted installation keeps the
-/// earlier daemon's links, enforcing on the maps, which hold this daemon's policy in full; a new
-/// one is removed again, with the ports it reserved, so that nothing is left half-applied.
+/// A daemon whose programs the kernel would not attach leaves no link of its own (the loader has
+/// already removed them). An adopted installation keeps the earlier daemon's links, which
+/// enforce the maps: those hold this daemon's policy in full, written before the attach was
+/// tried. A new installation is removed again, with the ports it reserved, so that nothing is
+/// left half-applied.
 fn refuse_attach(
     error: LoadError,
     enforcer: &Enforcer,
@@ -478,7 +479,8 @@ fn refuse_attach(
     ));
     if enforcer.adopted() {
         log::info!(
-            "the links an earlier daemon pinned in {} stay in force",
+            "the links an earlier daemon pinned in {} stay attached, enforcing the maps as this \
+             daemon left them: with this policy in full",
             pins.display()
         );
     } else {

@@ -808,3 +808,69 @@ fn a_policy_file_deleted_truncated_or_renamed_over_is_refused_or_applied_whole()
         )],
     );
 }
+
+#[test]
+fn a_restart_refused_at_attach_leaves_the_earlier_links_enforcing_its_whole_policy() {
+    if !privileged(
+        "a_restart_refused_at_attach_leaves_the_earlier_links_enforcing_its_whole_policy",
+    ) {
+        return;
+    }
+    let cgroup = TestCgroup::new("refusedrestart");
+    let attach = cgroup.child("attach");
+    let web = cgroup.child("attach/web");
+    let peer = LoopbackPeer::new(2908);
+    let at = ["--cgroup", attach.to_str().expect("utf-8")];
+    let text = |range: &str| scope("web", &cgroup.rel("attach/web"), range);
+    let mut first = spawn_daemon(&cgroup, &text("2340-2344"), &at, None);
+    first.wait_for_log("ready", Duration::from_secs(30));
+    let (code, _) = first.stop();
+    assert_eq!(code, Some(0));
+    // Another tool then holds connect4 exclusively on the parent cgroup: the kernel refuses
+    // any new program on that hook below it, while the ones already there keep running.
+    let foreign = bpf_raw::prog_load(
+        bpf_raw::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET4_CONNECT,
+        "foreign_conn",
+        &[bpf_raw::Insn::mov(0, 1), bpf_raw::Insn::exit()],
+    );
+    bpf_raw::prog_attach(&foreign, &cgroup.root, BPF_CGROUP_INET4_CONNECT, 0)
+        .expect("exclusive attach on the parent");
+    let (code, log) =
+        spawn_daemon(&cgroup, &text("2345-2349"), &at, None).wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("no program of this daemon stays attached"),
+        "{log}"
+    );
+    assert!(
+        log.contains("stay attached, enforcing the maps as this daemon left them"),
+        "{log}"
+    );
+    // The earlier links, one per hook, enforce the refused daemon's policy, whole: its range,
+    // and the old range owned by nobody.
+    assert_eq!(portguard_programs(&attach), [1; 5]);
+    assert_clean_pins_at(&cgroup, &attach);
+    let sockets = assert_steered(&web, &peer, (2345, 2349), "after the refused restart");
+    let r = probe(&attach, &["bind", "tcp", "2340", "bind", "tcp", "2345"]);
+    assert_eq!(errno(&r[0]), 0, "the old range is free: {}", r[0]);
+    assert_eq!(errno(&r[1]), EPERM, "the new range is owned: {}", r[1]);
+    bpf_raw::prog_detach(&foreign, &cgroup.root, BPF_CGROUP_INET4_CONNECT).expect("detach");
+    let out = std::process::Command::new(portguard_tests::portguard_bin())
+        .arg("uninstall")
+        .arg("--pin-path")
+        .arg(cgroup.pin_path())
+        .arg("--cgroup")
+        .arg(&attach)
+        .output()
+        .expect("run uninstall");
+    assert!(out.status.success(), "{out:?}");
+    record(
+        "faults-9-restart-refused",
+        &[format!(
+            "a restart refused at attach (another tool's exclusive program on the parent): the \
+             earlier links stayed, one per hook, enforcing the new policy whole; {} calls checked",
+            sockets + r.len()
+        )],
+    );
+}
