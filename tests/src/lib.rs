@@ -3,6 +3,7 @@
 
 pub mod bpf_query;
 pub mod bpf_raw;
+pub mod checks;
 pub mod faults;
 pub mod reliability;
 

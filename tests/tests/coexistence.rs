@@ -14,6 +14,7 @@ use portguard_tests::{
     Daemon, EPERM, TestCgroup,
     bpf_query::{BPF_CGROUP_INET4_BIND, portguard_programs},
     bpf_raw::{self, BPF_F_ALLOW_MULTI},
+    checks::uninstall,
     errno,
     faults::{LoopbackPeer, kill9},
     port, privileged, probe,
@@ -97,22 +98,6 @@ fn assert_decisions(
     r.len() + o.len()
 }
 
-fn uninstall(cgroup: &TestCgroup) {
-    let out = std::process::Command::new(portguard_tests::portguard_bin())
-        .arg("uninstall")
-        .arg("--pin-path")
-        .arg(cgroup.pin_path())
-        .arg("--cgroup")
-        .arg(&cgroup.root)
-        .output()
-        .expect("run uninstall");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn bind_ids(dir: &Path) -> Vec<u32> {
     let mut ids = bpf_raw::attached_ids(dir, BPF_CGROUP_INET4_BIND);
     ids.sort_unstable();
@@ -166,7 +151,7 @@ fn a_foreign_socket_bind_filter_and_portguard_both_hold_in_every_order() {
     // Uninstall takes portguard's programs only.
     let (code, log) = daemon.stop();
     assert_eq!(code, Some(0), "{log}");
-    uninstall(&cgroup);
+    uninstall(&cgroup, &cgroup.root);
     assert_eq!(portguard_programs(&cgroup.root), [1, 0, 0, 0, 0]);
     assert_eq!(bind_ids(&cgroup.root), [root_id]);
     assert_eq!(bind_ids(&web), [web_id]);

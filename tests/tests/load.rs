@@ -222,7 +222,7 @@ fn connects_under_reloads_every_100_ms_stay_in_range_and_every_event_is_accounte
              UDP) in {:.1} s under {reloads} reloads (every 100 ms, all answered ok, no error or \
              warning logged): {connects} ports checked, 0 outside their range, 0 failed; \
              {emitted} events emitted, {received} read, {lost} counted lost (status = kernel \
-             LOST_EVENTS)",
+             LOST_EVENTS; a 16 KiB ring, so that some are)",
             elapsed.as_secs_f64()
         )],
     );
