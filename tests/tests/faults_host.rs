@@ -159,7 +159,10 @@ fn a_missing_or_read_only_cgroup2_is_refused_or_enforced() {
     let mut sockets = assert_steered(&web, &peer, (2280, 2289), "read-only cgroup2");
     // A cgroup made later (outside the namespace) is still followed.
     let late = cgroup.child("late");
-    daemon.wait_for_log("scope late: cgroup", Duration::from_secs(5));
+    daemon.wait_for_log(
+        &format!("scope late: cgroup {} (id", cgroup.rel("late")),
+        Duration::from_secs(5),
+    );
     sockets += assert_steered(&late, &peer, (2290, 2299), "a cgroup made later");
     drop(daemon);
     drop(ns);
@@ -350,7 +353,11 @@ fn a_policy_file_deleted_truncated_or_renamed_over_is_refused_or_applied_whole()
             let start = Instant::now();
             loop {
                 let status = daemon.status();
-                if status["last_reload"]["ok"] == false {
+                // This reload's outcome, not the one before.
+                let fresh = status["last_reload"]["age_s"]
+                    .as_f64()
+                    .is_some_and(|age| age < start.elapsed().as_secs_f64());
+                if fresh && status["last_reload"]["ok"] == false {
                     break status["last_reload"]["error"]
                         .as_str()
                         .expect("error")
@@ -439,30 +446,30 @@ fn a_restart_refused_at_attach_leaves_the_earlier_links_enforcing_its_whole_poli
         return;
     }
     let cgroup = TestCgroup::new("refusedrestart");
-    let attach = cgroup.child("attach");
-    let web = cgroup.child("attach/web");
+    let inner = cgroup.child("inner");
+    let web = cgroup.child("inner/web");
     let peer = LoopbackPeer::new(2908);
-    let at = ["--cgroup", attach.to_str().expect("utf-8")];
-    let text = |range: &str| scope("web", &cgroup.rel("attach/web"), range);
-    let mut first = spawn_daemon(&cgroup, &text("2340-2344"), &at, None);
+    let text = |range: &str| scope("web", &cgroup.rel("inner/web"), range);
+    let mut first = spawn_daemon(&cgroup, &text("2340-2344"), &[], None);
     first.wait_for_log("ready", Duration::from_secs(30));
     let (code, _) = first.stop();
     assert_eq!(code, Some(0));
-    // Another tool then holds connect4 exclusively on the parent cgroup: the kernel refuses
-    // any new program on that hook below it, while the ones already there keep running.
+    // The restart moves the attach point down to `inner`, where another tool holds connect4
+    // exclusively: the kernel refuses the new links there (the earlier ones, one level up, are
+    // not touched).
     let foreign = bpf_raw::prog_load(
         bpf_raw::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
         BPF_CGROUP_INET4_CONNECT,
         "foreign_conn",
         &[bpf_raw::Insn::mov(0, 1), bpf_raw::Insn::exit()],
     );
-    bpf_raw::prog_attach(&foreign, &cgroup.root, BPF_CGROUP_INET4_CONNECT, 0)
-        .expect("exclusive attach on the parent");
+    bpf_raw::prog_attach(&foreign, &inner, BPF_CGROUP_INET4_CONNECT, 0).expect("exclusive attach");
+    let at = ["--cgroup", inner.to_str().expect("utf-8")];
     let (code, log) =
         spawn_daemon(&cgroup, &text("2345-2349"), &at, None).wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(1), "{log}");
     assert!(
-        log.contains("no program of this daemon stays attached"),
+        log.contains("(is another program attached there without BPF_F_ALLOW_MULTI?); no program of this daemon stays attached"),
         "{log}"
     );
     assert!(
@@ -471,18 +478,22 @@ fn a_restart_refused_at_attach_leaves_the_earlier_links_enforcing_its_whole_poli
     );
     // The earlier links, one per hook, enforce the refused daemon's policy, whole: its range,
     // and the old range owned by nobody.
-    assert_eq!(portguard_programs(&attach), [1; 5]);
-    assert_clean_pins(&cgroup, &attach, "after the refused restart");
+    assert_eq!(
+        portguard_programs(&inner),
+        [0, 1, 0, 0, 0],
+        "only the foreign program"
+    );
+    assert_clean_pins(&cgroup, &cgroup.root, "after the refused restart");
     let sockets = assert_steered(&web, &peer, (2345, 2349), "after the refused restart");
-    let r = probe(&attach, &["bind", "tcp", "2340", "bind", "tcp", "2345"]);
+    let r = probe(&inner, &["bind", "tcp", "2340", "bind", "tcp", "2345"]);
     assert_eq!(errno(&r[0]), 0, "the old range is free: {}", r[0]);
     assert_eq!(errno(&r[1]), EPERM, "the new range is owned: {}", r[1]);
-    bpf_raw::prog_detach(&foreign, &cgroup.root, BPF_CGROUP_INET4_CONNECT).expect("detach");
-    uninstall(&cgroup, &attach);
+    bpf_raw::prog_detach(&foreign, &inner, BPF_CGROUP_INET4_CONNECT).expect("detach");
+    uninstall(&cgroup, &cgroup.root);
     record(
         "faults-9-restart-refused",
         &[format!(
-            "a restart refused at attach (another tool's exclusive program on the parent): the \
+            "a restart refused at attach (a new attach point another tool holds exclusively): the \
              earlier links stayed, one per hook, enforcing the new policy whole; {} calls checked",
             sockets + r.len()
         )],
