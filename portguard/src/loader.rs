@@ -2,6 +2,7 @@
 
 use std::{
     fs::{self, File},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -241,42 +242,66 @@ impl Enforcer {
     }
 
     /// Attaches every program to the cgroup at `dir`, alongside any other program there, and pins
-    /// each link in `pins` so that enforcement outlives the daemon. All or nothing: every
-    /// program is attached before any link is pinned, so if the kernel refuses one (another
-    /// tool's program attached there without `BPF_F_ALLOW_MULTI`) or the daemon dies meanwhile,
-    /// the links close with it and no hook is left enforcing without the others; the five pins
-    /// then follow one another within microseconds. Links an earlier daemon pinned there are
-    /// detached only once all the new ones are attached and pinned, so there is no moment
-    /// without enforcement; while both run, the per-socket records keep anything from being
-    /// counted twice. Returns how many earlier links were replaced.
+    /// each link in `pins` so that enforcement outlives the daemon.
+    ///
+    /// A link an earlier daemon pinned for the same program at the same cgroup is taken over in
+    /// place: the kernel swaps the new program into it (BPF_LINK_UPDATE) atomically for the
+    /// hook, so no call goes unjudged and none is judged by both (had the two run side by side,
+    /// a bind(0) steered by one would be judged again by the other as an explicit bind).
+    ///
+    /// The other programs get new links, all or nothing: every one is attached before any is
+    /// pinned, so if the kernel refuses one (another tool's program attached there without
+    /// `BPF_F_ALLOW_MULTI`) or the daemon dies meanwhile, they close with it and no hook is left
+    /// enforcing without the others. Earlier links those replace (at another cgroup, say) are
+    /// detached only after the new ones are pinned. Returns how many earlier links were replaced
+    /// or taken over.
     pub fn attach(&mut self, dir: &Path, pins: &Path) -> Result<usize, LoadError> {
         let cgroup = File::open(dir).map_err(|source| LoadError::Cgroup {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let cgroup_id = crate::cgroup::cgroup_id(dir).map_err(|source| LoadError::Cgroup {
             path: dir.display().to_string(),
             source,
         })?;
         // Read before staging: the staged pins of this attempt are named like a crashed
         // daemon's.
         let mut earlier = vec![];
+        let mut in_place = vec![];
         for name in ALL_PROGRAMS {
-            earlier.push(pins::earlier_links(pins, name)?);
+            let links = pins::earlier_links(pins, name)?;
+            in_place.push(
+                links
+                    .iter()
+                    .find_map(|(path, _)| match pins::link_cgroup(path) {
+                        Ok((link, Some(id))) if id == cgroup_id => Some((path.clone(), link)),
+                        _ => None,
+                    }),
+            );
+            earlier.push(links);
         }
         let mut links = vec![];
-        for name in ALL_PROGRAMS {
-            // On an error the links attached so far are dropped, which detaches them.
-            links.push((name, self.attach_link(name, &cgroup)?));
+        for (name, taken_over) in ALL_PROGRAMS.into_iter().zip(&in_place) {
+            if taken_over.is_none() {
+                // On an error the links attached so far are dropped, which detaches them.
+                links.push((name, self.attach_link(name, &cgroup)?));
+            }
         }
         let mut staged: Vec<(&str, PathBuf, PinnedLink)> = vec![];
+        let unstage = |staged: Vec<(&str, PathBuf, PinnedLink)>| {
+            for (_, path, pinned) in staged {
+                if let Err(error) = pinned.unpin() {
+                    log::warn!("cannot remove the staged link {}: {error}", path.display());
+                }
+            }
+        };
         for (name, link) in links {
             // bpffs refuses names with a dot.
             let path = pins.join(format!("link_{name}_staged_{}", pins::staging_suffix()));
             match link.pin(&path) {
                 Ok(pinned) => staged.push((name, path, pinned)),
                 Err(source) => {
-                    for (_, path, pinned) in staged {
-                        if let Err(error) = pinned.unpin() {
-                            log::warn!("cannot remove the staged link {}: {error}", path.display());
-                        }
-                    }
+                    unstage(staged);
                     return Err(LoadError::Pin {
                         path: path.display().to_string(),
                         source: std::io::Error::other(source),
@@ -284,24 +309,64 @@ impl Enforcer {
                 }
             }
         }
+        for (name, taken_over) in ALL_PROGRAMS.into_iter().zip(&in_place) {
+            let Some((path, link)) = taken_over else {
+                continue;
+            };
+            let updated = self
+                .ebpf
+                .program(name)
+                .ok_or(LoadError::MissingProgram(name))
+                .and_then(|program| {
+                    program
+                        .fd()
+                        .map_err(|source| LoadError::Program { name, source })
+                })
+                .and_then(|program| {
+                    pins::update_link(link.as_fd(), program.as_fd()).map_err(|source| {
+                        LoadError::Pin {
+                            path: path.display().to_string(),
+                            source,
+                        }
+                    })
+                });
+            if let Err(error) = updated {
+                unstage(staged);
+                return Err(error);
+            }
+        }
         let mut replaced = 0;
-        for ((name, path, pinned), earlier) in staged.into_iter().zip(earlier) {
+        let mut staged = staged.into_iter().peekable();
+        for ((name, earlier), taken_over) in ALL_PROGRAMS.into_iter().zip(earlier).zip(in_place) {
+            let final_path = pins.join(format!("link_{name}"));
+            let kept = match taken_over {
+                Some((path, _)) => path,
+                None => {
+                    let (_, path, _) = staged
+                        .next_if(|(staged_name, ..)| *staged_name == name)
+                        .ok_or(LoadError::MissingProgram(name))?;
+                    path
+                }
+            };
             // Unpinning keeps each earlier link attached until its fd closes at the end of
             // this iteration, after the new one is in place.
             let mut detach = vec![];
             for (path, link) in earlier {
+                replaced += 1;
+                if path == kept {
+                    continue;
+                }
                 detach.push(link.unpin().map_err(|source| LoadError::Pin {
                     path: path.display().to_string(),
                     source,
                 })?);
-                replaced += 1;
             }
-            let final_path = pins.join(format!("link_{name}"));
-            fs::rename(&path, &final_path).map_err(|source| LoadError::Pin {
-                path: final_path.display().to_string(),
-                source,
-            })?;
-            drop(pinned);
+            if kept != final_path {
+                fs::rename(&kept, &final_path).map_err(|source| LoadError::Pin {
+                    path: final_path.display().to_string(),
+                    source,
+                })?;
+            }
             drop(detach);
         }
         Ok(replaced)

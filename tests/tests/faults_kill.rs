@@ -317,3 +317,75 @@ fn kill_9_under_an_event_flood_keeps_enforcing_and_every_event_is_read_or_counte
         )],
     );
 }
+
+#[test]
+fn a_restart_under_a_bind_flood_judges_every_call_once() {
+    if !privileged("a_restart_under_a_bind_flood_judges_every_call_once") {
+        return;
+    }
+    let cgroup = TestCgroup::new("handover");
+    let flood = cgroup.child("flood");
+    let text = scope("flood", &cgroup.rel("flood"), "2350-2359");
+    let extra = ["--events-buffer", "16384"];
+    let mut first = spawn_daemon(&cgroup, &text, &extra, None);
+    first.wait_for_log("ready", Duration::from_secs(30));
+    // bind(0) on a bound socket, over and over, flat out (a paced flood pauses between bursts,
+    // and could miss the handover): each call is steered once, then fails EINVAL.
+    const FLOOD: u64 = 1_000_000;
+    let mut producer =
+        RunningProbe::spawn(&flood, &["rebind-loop", "udp", "0", &FLOOD.to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, first_log) = first.stop();
+    assert_eq!(code, Some(0), "{first_log}");
+    // The restart hands the hooks over while the flood goes on.
+    let mut second = spawn_daemon(&cgroup, &text, &extra, None);
+    second.wait_for_log("ready", Duration::from_secs(30));
+    let state =
+        std::fs::read_to_string(format!("/proc/{}/stat", producer.pid())).expect("producer stat");
+    assert!(
+        !state.contains(") Z "),
+        "the flood ended before the handover: make it longer"
+    );
+    let flooded = producer.next_result();
+    producer.finish();
+    assert_eq!(flooded["failures"], FLOOD, "{flooded}");
+    assert!(
+        second.log().contains("replaced 5 link(s)"),
+        "{}",
+        second.log()
+    );
+    assert_clean_pins(&cgroup, &cgroup.root, "after the restart");
+    // No call was judged twice: had the earlier programs and the new ones both run, the second
+    // would have seen the port the first chose and counted an explicit bind, allowed.
+    let scope = second.status()["scopes"][0].clone();
+    assert_eq!(scope["steered"], FLOOD + 1, "{scope}");
+    assert_eq!(scope["allowed"], 0, "{scope}");
+    // And so exactly one event per call (and one for the socket's release): read by one of the
+    // two daemons, or counted lost.
+    let emitted = FLOOD + 2;
+    let start = Instant::now();
+    let (received, lost) = loop {
+        let status = second.status();
+        let lost = status["lost_events"].as_u64().expect("lost_events");
+        let received =
+            probe_event_lines(&first_log) + status["events_received"].as_u64().expect("received");
+        if received + lost >= emitted {
+            break (received, lost);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "emitted {emitted}, received {received}, lost {lost}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(received + lost, emitted, "received {received}, lost {lost}");
+    record(
+        "faults-3b-restart-under-flood",
+        &[format!(
+            "a restart (SIGTERM, start) under a flat-out flood of {FLOOD} bind(0) calls: each judged once \
+             through the handover (steered {}, allowed 0); {emitted} events emitted, {received} \
+             read by the two daemons, {lost} counted lost",
+            FLOOD + 1
+        )],
+    );
+}
