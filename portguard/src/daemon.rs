@@ -488,8 +488,10 @@ fn refuse_attach(
             .reserved()
             .map_err(anyhow::Error::from)
             .and_then(|mut ours| {
-                let (_, returned) = reserved_ports::apply(&PortBitmap::EMPTY, &mut ours)
-                    .context("returning the reserved ports")?;
+                // Only giving back: the record (about to be removed) never lacks a port.
+                let (_, returned) =
+                    reserved_ports::apply(&PortBitmap::EMPTY, &mut ours, |_| Ok(()))
+                        .context("returning the reserved ports")?;
                 let (_, maps) = pins::uninstall(pins)?;
                 Ok((returned, maps))
             });
@@ -517,7 +519,8 @@ fn reserve_ports(policy: &Policy, enforcer: &mut Enforcer) -> anyhow::Result<()>
         PortBitmap::EMPTY
     };
     let mut ours = enforcer.reserved()?;
-    match reserved_ports::apply(&wanted, &mut ours) {
+    let record = |ours: &PortBitmap| enforcer.set_reserved(ours).map_err(std::io::Error::other);
+    match reserved_ports::apply(&wanted, &mut ours, record) {
         Ok((0, 0)) => {}
         Ok((added, removed)) => log::info!(
             "net.ipv4.ip_local_reserved_ports: reserved {added} scope port(s), returned {removed}"
