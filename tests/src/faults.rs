@@ -28,6 +28,9 @@ pub enum NamespaceFault {
 pub struct MountNamespace {
     holder: Child,
     ns: File,
+    /// Whether processes entering it are denied mount(2), as a service manager's syscall filter
+    /// would deny it.
+    deny_mount: bool,
 }
 
 impl MountNamespace {
@@ -89,7 +92,17 @@ impl MountNamespace {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let ns = File::open(&path).expect("open the mount namespace");
-        Self { holder, ns }
+        Self {
+            holder,
+            ns,
+            deny_mount: false,
+        }
+    }
+
+    /// Makes mount(2) fail with EPERM for every process that enters the namespace from now on.
+    pub fn denying_mount(mut self) -> Self {
+        self.deny_mount = true;
+        self
     }
 
     /// The namespace's mount table.
@@ -101,9 +114,27 @@ impl MountNamespace {
     /// Makes `command` run inside this namespace.
     pub fn enter(&self, command: &mut Command) {
         let fd = self.ns.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; the fd stays open in the child until exec.
+        let deny_mount = self.deny_mount;
+        // SAFETY: setns and prctl are async-signal-safe; the fd stays open in the child until
+        // exec, and the filter is built before the fork.
         unsafe {
-            command.pre_exec(move || check(libc::setns(fd, libc::CLONE_NEWNS)));
+            let filter = deny_mount_filter();
+            command.pre_exec(move || {
+                check(libc::setns(fd, libc::CLONE_NEWNS))?;
+                if deny_mount {
+                    let program = libc::sock_fprog {
+                        len: filter.len() as u16,
+                        filter: filter.as_ptr().cast_mut(),
+                    };
+                    check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                    check(libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &raw const program,
+                    ))?;
+                }
+                Ok(())
+            });
         }
     }
 
@@ -121,6 +152,27 @@ impl Drop for MountNamespace {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
     }
+}
+
+/// A seccomp filter (classic BPF over `struct seccomp_data`) that fails mount(2) with EPERM and
+/// allows everything else.
+fn deny_mount_filter() -> Vec<libc::sock_filter> {
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xc000_00b7;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    const LOAD_WORD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JUMP_IF_EQUAL: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    vec![
+        op(LOAD_WORD, 0, 0, 4), // seccomp_data.arch
+        op(JUMP_IF_EQUAL, 0, 3, AUDIT_ARCH),
+        op(LOAD_WORD, 0, 0, 0), // seccomp_data.nr
+        op(JUMP_IF_EQUAL, 0, 1, libc::SYS_mount as u32),
+        op(RETURN, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        op(RETURN, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 fn c_path(path: &Path) -> std::ffi::CString {

@@ -78,6 +78,20 @@ fn without_bpffs_the_daemon_mounts_it_and_a_pin_path_elsewhere_is_refused() {
     assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
     drop(ns);
 
+    // No bpffs, and mount(2) denied (as a service manager's syscall filter would): a refusal.
+    let ns = MountNamespace::new(NamespaceFault::NoBpffs).denying_mount();
+    let (code, log) =
+        spawn_daemon(&cgroup, &text, &[], Some(&ns)).wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("mounting bpffs at /sys/fs/bpf: Operation not permitted"),
+        "{log}"
+    );
+    assert_eq!(bpffs(&ns), 0, "nothing mounted");
+    assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
+    assert!(!reserved_any(2270, 2279));
+    drop(ns);
+
     // A pin path on no bpf file system, away from /sys/fs/bpf: nothing to mount, a refusal.
     let elsewhere = std::env::temp_dir().join(format!("{}-pins", cgroup.relative));
     let daemon = spawn_daemon(
@@ -99,7 +113,8 @@ fn without_bpffs_the_daemon_mounts_it_and_a_pin_path_elsewhere_is_refused() {
         "faults-4-bpffs",
         &[format!(
             "bpffs missing: the daemon mounted it, survived kill -9 and was adopted ({sockets} sockets \
-             checked in range); a pin path on no bpffs was refused with nothing attached or reserved"
+             checked in range); with mount(2) denied, and with a pin path on no bpffs, it refused \
+             to start with nothing attached or reserved"
         )],
     );
 }
