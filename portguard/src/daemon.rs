@@ -2,7 +2,7 @@
 //! cgroups and reload on request until a signal.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -24,7 +24,8 @@ use crate::{
     control::{self, Access},
     event_log,
     live_state::{LiveState, Received, ReloadOutcome, decode},
-    loader::Enforcer,
+    loader::{Enforcer, LoadError},
+    pins,
     policy::{HostPorts, Mode, Policy, assign_ids, compile, host_warnings},
     policy_file::PolicySource,
     privileges, reserved_ports,
@@ -138,10 +139,17 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         policy_arg: args.policy.clone(),
     };
     runtime.block_on(async {
-        let replaced = running
-            .enforcer
-            .attach(&attach_at, &args.pin_path)
-            .with_context(|| format!("attaching to cgroup {}", attach_at.display()))?;
+        let replaced = match running.enforcer.attach(&attach_at, &args.pin_path) {
+            Ok(replaced) => replaced,
+            Err(error) => {
+                return Err(refuse_attach(
+                    error,
+                    &running.enforcer,
+                    &attach_at,
+                    &args.pin_path,
+                ));
+            }
+        };
         if replaced > 0 {
             log::info!("replaced {replaced} link(s) an earlier daemon left, without a gap");
         }
@@ -423,6 +431,7 @@ impl Running {
                 log::log!(level, "{}", event_log::describe(&record));
             }
         }
+        state.count_received(read);
         state.refresh_peaks(false);
         Ok(read)
     }
@@ -461,6 +470,63 @@ fn running_state_held(state: &Mutex<LiveState>, cgroups: &mut ScopeCgroups) -> a
     Ok(())
 }
 
+/// A daemon whose programs the kernel would not attach leaves no link of its own (the loader has
+/// already removed them). An adopted installation keeps the earlier daemon's links, which
+/// enforce the maps: those hold this daemon's policy in full, written before the attach was
+/// tried. A new installation is removed again, with the ports it reserved, so that nothing is
+/// left half-applied.
+fn refuse_attach(
+    error: LoadError,
+    enforcer: &Enforcer,
+    attach_at: &Path,
+    pins: &Path,
+) -> anyhow::Error {
+    let refused = anyhow::Error::new(error);
+    let hint = if refused
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.raw_os_error() == Some(libc::EPERM))
+    {
+        " (is another program attached there without BPF_F_ALLOW_MULTI?)"
+    } else {
+        ""
+    };
+    let refused = refused.context(format!(
+        "attaching to cgroup {}{hint}; no program of this daemon stays attached",
+        attach_at.display()
+    ));
+    if enforcer.adopted() {
+        log::info!(
+            "the links an earlier daemon pinned in {} stay attached, enforcing the maps as this \
+             daemon left them: with this policy in full",
+            pins.display()
+        );
+    } else {
+        let undone = enforcer
+            .reserved()
+            .map_err(anyhow::Error::from)
+            .and_then(|mut ours| {
+                // Only giving back: the record (about to be removed) never lacks a port.
+                let (_, returned) =
+                    reserved_ports::apply(&PortBitmap::EMPTY, &mut ours, |_| Ok(()))
+                        .context("returning the reserved ports")?;
+                let (_, maps) = pins::uninstall(pins)?;
+                Ok((returned, maps))
+            });
+        match undone {
+            Ok((returned, maps)) => log::info!(
+                "removed the {maps} map(s) this daemon pinned in {} and returned {returned} reserved port(s)",
+                pins.display()
+            ),
+            Err(error) => log::warn!(
+                "cannot remove what this daemon pinned in {}: {error:#} (`portguard uninstall` does)",
+                pins.display()
+            ),
+        }
+    }
+    refused.context("not starting")
+}
+
 /// Reserves the policy's ranges in the sysctl (or gives ours back with `reserve = false`). The
 /// reservation helps the kernel's own allocator stay out of scope ranges; enforcement does not
 /// depend on it, so a failure is logged, not fatal.
@@ -471,7 +537,8 @@ fn reserve_ports(policy: &Policy, enforcer: &mut Enforcer) -> anyhow::Result<()>
         PortBitmap::EMPTY
     };
     let mut ours = enforcer.reserved()?;
-    match reserved_ports::apply(&wanted, &mut ours) {
+    let record = |ours: &PortBitmap| enforcer.set_reserved(ours).map_err(std::io::Error::other);
+    match reserved_ports::apply(&wanted, &mut ours, record) {
         Ok((0, 0)) => {}
         Ok((added, removed)) => log::info!(
             "net.ipv4.ip_local_reserved_ports: reserved {added} scope port(s), returned {removed}"

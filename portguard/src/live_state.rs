@@ -116,6 +116,8 @@ pub struct LiveState {
     last_reload: Option<ReloadOutcome>,
     /// When the last event of each scope or pool instance id arrived.
     last_event: HashMap<u32, Instant>,
+    /// Records read from the kernel's ring buffer since start.
+    received: u64,
 }
 
 impl LiveState {
@@ -132,6 +134,7 @@ impl LiveState {
             peaks_refreshed: Instant::now(),
             last_reload: None,
             last_event: HashMap::new(),
+            received: 0,
         };
         // At start the counters are either fresh or adopted from an earlier daemon: keep them.
         state.replace_policy(policy_name, policy, ids);
@@ -209,6 +212,11 @@ impl LiveState {
         scope.exhausted = held.exhausted;
     }
 
+    /// Counts `records` read from the kernel's ring buffer (decodable or not).
+    pub fn count_received(&mut self, records: usize) {
+        self.received += records as u64;
+    }
+
     /// Records one kernel event received at `at` (read once per batch by the caller).
     pub fn record(&mut self, event: Event, at: SystemTime, now: Instant) {
         // By id: one map update per event, whatever the number of scopes and blocks.
@@ -284,6 +292,7 @@ impl LiveState {
             version: PROTOCOL_VERSION,
             uptime_s: self.started.elapsed().as_secs(),
             lost_events: self.stats.lost_events()?,
+            events_received: self.received,
             mode: self.mode.to_string(),
             policy: self.policy_name.clone(),
             scopes,

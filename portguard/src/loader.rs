@@ -2,13 +2,17 @@
 
 use std::{
     fs::{self, File},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, Program, links::FdLink},
+    programs::{
+        CgroupAttachMode, Program,
+        links::{FdLink, PinnedLink},
+    },
 };
 use aya_log::EbpfLogger;
 use portguard_common::{
@@ -238,71 +242,166 @@ impl Enforcer {
     }
 
     /// Attaches every program to the cgroup at `dir`, alongside any other program there, and pins
-    /// each link in `pins` so that enforcement outlives the daemon. Links an earlier daemon
-    /// pinned there are detached only once the new ones are attached and pinned, so there is no
-    /// moment without enforcement; while both run, the per-socket records keep anything from
-    /// being counted twice. Returns how many earlier links were replaced.
+    /// each link in `pins` so that enforcement outlives the daemon.
+    ///
+    /// A link an earlier daemon pinned for the same program at the same cgroup is taken over in
+    /// place: the kernel swaps the new program into it (BPF_LINK_UPDATE) atomically for the
+    /// hook, so no call goes unjudged and none is judged by both (had the two run side by side,
+    /// a bind(0) steered by one would be judged again by the other as an explicit bind).
+    ///
+    /// The other programs get new links, all or nothing: every one is attached before any is
+    /// pinned, so if the kernel refuses one (another tool's program attached there without
+    /// `BPF_F_ALLOW_MULTI`) or the daemon dies meanwhile, they close with it and no hook is left
+    /// enforcing without the others. Earlier links those replace (at another cgroup, say) are
+    /// detached only after the new ones are pinned. Returns how many earlier links were replaced
+    /// or taken over.
     pub fn attach(&mut self, dir: &Path, pins: &Path) -> Result<usize, LoadError> {
         let cgroup = File::open(dir).map_err(|source| LoadError::Cgroup {
             path: dir.display().to_string(),
             source,
         })?;
-        let mut replaced = 0;
+        let cgroup_id = crate::cgroup::cgroup_id(dir).map_err(|source| LoadError::Cgroup {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        // Read before staging: the staged pins of this attempt are named like a crashed
+        // daemon's.
+        let mut earlier = vec![];
+        let mut in_place = vec![];
         for name in ALL_PROGRAMS {
-            let earlier = pins::earlier_links(pins, name)?;
-            let program = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?;
-            // Single creates a BPF link, which coexists with other programs on the cgroup.
-            let link: FdLink = match program {
-                Program::CgroupSockAddr(program) => {
-                    let id = program
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    let link = program
-                        .take_link(id)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    link.try_into()
-                        .map_err(|source| LoadError::Link { name, source })?
+            let links = pins::earlier_links(pins, name)?;
+            in_place.push(
+                links
+                    .iter()
+                    .find_map(|(path, _)| match pins::link_cgroup(path) {
+                        Ok((link, Some(id))) if id == cgroup_id => Some((path.clone(), link)),
+                        _ => None,
+                    }),
+            );
+            earlier.push(links);
+        }
+        let mut links = vec![];
+        for (name, taken_over) in ALL_PROGRAMS.into_iter().zip(&in_place) {
+            if taken_over.is_none() {
+                // On an error the links attached so far are dropped, which detaches them.
+                links.push((name, self.attach_link(name, &cgroup)?));
+            }
+        }
+        let mut staged: Vec<(&str, PathBuf, PinnedLink)> = vec![];
+        let unstage = |staged: Vec<(&str, PathBuf, PinnedLink)>| {
+            for (_, path, pinned) in staged {
+                if let Err(error) = pinned.unpin() {
+                    log::warn!("cannot remove the staged link {}: {error}", path.display());
                 }
-                Program::CgroupSock(program) => {
-                    let id = program
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    let link = program
-                        .take_link(id)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    link.try_into()
-                        .map_err(|source| LoadError::Link { name, source })?
-                }
-                _ => return Err(LoadError::MissingProgram(name)),
-            };
+            }
+        };
+        for (name, link) in links {
             // bpffs refuses names with a dot.
-            let staged = pins.join(format!("link_{name}_staged_{}", pins::staging_suffix()));
-            let pinned = link.pin(&staged).map_err(|source| LoadError::Pin {
-                path: staged.display().to_string(),
-                source: std::io::Error::other(source),
-            })?;
+            let path = pins.join(format!("link_{name}_staged_{}", pins::staging_suffix()));
+            match link.pin(&path) {
+                Ok(pinned) => staged.push((name, path, pinned)),
+                Err(source) => {
+                    unstage(staged);
+                    return Err(LoadError::Pin {
+                        path: path.display().to_string(),
+                        source: std::io::Error::other(source),
+                    });
+                }
+            }
+        }
+        for (name, taken_over) in ALL_PROGRAMS.into_iter().zip(&in_place) {
+            let Some((path, link)) = taken_over else {
+                continue;
+            };
+            let updated = self
+                .ebpf
+                .program(name)
+                .ok_or(LoadError::MissingProgram(name))
+                .and_then(|program| {
+                    program
+                        .fd()
+                        .map_err(|source| LoadError::Program { name, source })
+                })
+                .and_then(|program| {
+                    pins::update_link(link.as_fd(), program.as_fd()).map_err(|source| {
+                        LoadError::Pin {
+                            path: path.display().to_string(),
+                            source,
+                        }
+                    })
+                });
+            if let Err(error) = updated {
+                unstage(staged);
+                return Err(error);
+            }
+        }
+        let mut replaced = 0;
+        let mut staged = staged.into_iter().peekable();
+        for ((name, earlier), taken_over) in ALL_PROGRAMS.into_iter().zip(earlier).zip(in_place) {
+            let final_path = pins.join(format!("link_{name}"));
+            let kept = match taken_over {
+                Some((path, _)) => path,
+                None => {
+                    let (_, path, _) = staged
+                        .next_if(|(staged_name, ..)| *staged_name == name)
+                        .ok_or(LoadError::MissingProgram(name))?;
+                    path
+                }
+            };
             // Unpinning keeps each earlier link attached until its fd closes at the end of
             // this iteration, after the new one is in place.
             let mut detach = vec![];
             for (path, link) in earlier {
+                replaced += 1;
+                if path == kept {
+                    continue;
+                }
                 detach.push(link.unpin().map_err(|source| LoadError::Pin {
                     path: path.display().to_string(),
                     source,
                 })?);
-                replaced += 1;
             }
-            let final_path = pins.join(format!("link_{name}"));
-            fs::rename(&staged, &final_path).map_err(|source| LoadError::Pin {
-                path: final_path.display().to_string(),
-                source,
-            })?;
-            drop(pinned);
+            if kept != final_path {
+                fs::rename(&kept, &final_path).map_err(|source| LoadError::Pin {
+                    path: final_path.display().to_string(),
+                    source,
+                })?;
+            }
             drop(detach);
         }
         Ok(replaced)
+    }
+
+    /// Attaches program `name` at `cgroup` as a BPF link, held only by the returned descriptor.
+    fn attach_link(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, LoadError> {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?;
+        // Single creates a BPF link, which coexists with other programs on the cgroup.
+        match program {
+            Program::CgroupSockAddr(program) => {
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                link.try_into()
+                    .map_err(|source| LoadError::Link { name, source })
+            }
+            Program::CgroupSock(program) => {
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                link.try_into()
+                    .map_err(|source| LoadError::Link { name, source })
+            }
+            _ => Err(LoadError::MissingProgram(name)),
+        }
     }
 
     /// Gives cgroup instance `instance` of pool scope `pool` its own block: the pool's rule and

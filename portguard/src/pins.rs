@@ -2,7 +2,9 @@
 //! ports it reserved, and removing it all.
 
 use std::{
+    ffi::CString,
     fs::{self, File},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
 };
 
@@ -160,4 +162,53 @@ pub fn attached_portguard_programs(dir: &Path) -> std::io::Result<usize> {
                 .is_some_and(|name| name.starts_with("pg_"))
         })
         .count())
+}
+
+/// The cgroup a pinned link is attached to (`bpf_link_info.cgroup.cgroup_id`), with a
+/// descriptor of the link; `None` for a link of another kind.
+pub fn link_cgroup(path: &Path) -> std::io::Result<(OwnedFd, Option<u64>)> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_CGROUP: u32 = 3;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // union bpf_attr, obj_get: pathname, bpf_fd, file_flags.
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel just returned this new descriptor.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) cgroup { cgroup_id, ... }.
+    let mut info = [0u8; 64];
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let kind = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+    let cgroup = (kind == BPF_LINK_TYPE_CGROUP)
+        .then(|| u64::from_ne_bytes(info[16..24].try_into().unwrap_or([0; 8])));
+    Ok((link, cgroup))
+}
+
+/// Makes the link run `program` instead of its current one (BPF_LINK_UPDATE): the kernel swaps
+/// them atomically for the hook, so no call sees neither and none sees both.
+pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // union bpf_attr, link_update: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+    // SAFETY: attr is a zero-filled bpf_attr of the size passed, whose pointers (if any) point
+    // at live buffers of the sizes the command expects.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }

@@ -98,7 +98,21 @@ impl PolicySource {
     }
 
     /// Parses the policy; the error lists every problem as `file:line:column: message`.
+    ///
+    /// A file with nothing in it but blanks and comments is refused: it is what a file cut short
+    /// while being written (truncated, then reloaded before the new text landed) looks like,
+    /// and taken as a policy it would drop every scope at once.
     pub fn parse(&self) -> anyhow::Result<Policy> {
+        if self.text.lines().all(|line| {
+            let line = line.trim();
+            line.is_empty() || line.starts_with('#')
+        }) {
+            bail!(
+                "{}:1:1: the policy is empty (a truncated file?); a policy without scopes says \
+                 so with at least `mode = \"...\"`",
+                self.name
+            );
+        }
         policy::parse(&self.text).map_err(|errors| {
             anyhow::anyhow!(
                 "{}\n{}: {} error{}",
@@ -140,5 +154,27 @@ mod tests {
                 .to_string()
                 .starts_with("p.toml: the policy is larger than 4 MiB")
         );
+    }
+
+    fn source(text: &str) -> PolicySource {
+        PolicySource {
+            name: "p.toml".into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn an_empty_policy_is_refused_but_one_without_scopes_is_not() {
+        for empty in ["", "\n  \n", "# all scopes go here\n\n"] {
+            let error = format!("{:#}", source(empty).parse().expect_err(empty));
+            assert!(
+                error.starts_with("p.toml:1:1: the policy is empty"),
+                "{empty:?}: {error}"
+            );
+        }
+        let policy = source("# nothing scoped yet\nmode = \"enforce\"\n")
+            .parse()
+            .expect("a policy without scopes");
+        assert!(policy.scopes.is_empty());
     }
 }

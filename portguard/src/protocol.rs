@@ -132,7 +132,12 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
 pub struct Status {
     pub version: u32,
     pub uptime_s: u64,
+    /// Events the programs could not put in the ring buffer, since the installation began.
     pub lost_events: u64,
+    /// Event records this daemon has read from the ring buffer since it started: with
+    /// `lost_events`, every event the programs emitted is accounted for.
+    #[serde(default)]
+    pub events_received: u64,
     pub mode: String,
     pub policy: String,
     pub scopes: Vec<ScopeStatus>,

@@ -17,8 +17,14 @@ const LOCK: &str = "/run/portguard/reserved-ports.lock";
 
 /// Makes the ports portguard reserves equal `wanted`. `ours` holds the ports portguard added
 /// earlier (and is updated): a wanted port that someone else had already reserved is not ours,
-/// and is left alone when no longer wanted. Returns the ports added and removed.
-pub fn apply(wanted: &PortBitmap, ours: &mut PortBitmap) -> io::Result<(u32, u32)> {
+/// and is left alone when no longer wanted. `record` persists the record of our ports; it is
+/// called before the sysctl is written, with the ports about to be added already claimed, and
+/// after. Returns the ports added and removed.
+pub fn apply(
+    wanted: &PortBitmap,
+    ours: &mut PortBitmap,
+    mut record: impl FnMut(&PortBitmap) -> io::Result<()>,
+) -> io::Result<(u32, u32)> {
     let _lock = Lock::take()?;
     let current = read_sysctl(SYSCTL)?;
     let reserved = parse(&current)?;
@@ -27,6 +33,10 @@ pub fn apply(wanted: &PortBitmap, ours: &mut PortBitmap) -> io::Result<(u32, u32
     let (next, added, removed) = plan(&reserved, wanted, &mut next_ours);
     let text = format(&next);
     if text != current.trim() {
+        // A daemon killed between the write and the record would leave reserved ports nobody
+        // remembers adding, never to be given back. Claimed first, a port the write then did not
+        // reach is merely claimed, and the next plan drops it: nobody reserves it.
+        record(&claimed_while_writing(ours, &next_ours))?;
         let text = if text.is_empty() {
             "\n".to_owned()
         } else {
@@ -35,7 +45,17 @@ pub fn apply(wanted: &PortBitmap, ours: &mut PortBitmap) -> io::Result<(u32, u32
         fs::write(SYSCTL, text)?;
     }
     *ours = next_ours;
+    record(ours)?;
     Ok((added, removed))
+}
+
+/// The ports to hold as ours while the sysctl changes from `ours` to `next`: both.
+fn claimed_while_writing(ours: &PortBitmap, next: &PortBitmap) -> PortBitmap {
+    let mut claimed = *ours;
+    for port in (1..=u16::MAX).filter(|&port| next.contains(port)) {
+        claimed.insert(port);
+    }
+    claimed
 }
 
 /// The reservation after applying `wanted`, and how many ports were added and removed.
@@ -146,6 +166,26 @@ mod tests {
         assert_eq!(format(&restored), "8080,40000-40010");
         assert_eq!((added, removed), (0, 10));
         assert_eq!(ours, PortBitmap::EMPTY);
+    }
+
+    #[test]
+    fn ports_being_added_or_removed_stay_claimed_while_the_sysctl_is_written() {
+        let reserved = parse("8080").expect("parse");
+        let ours = bitmap_of([PortRange::new(40000, 40009)]);
+        let mut next = ours;
+        // The scope moves: 40000-40009 go back, 41000-41009 are added.
+        let wanted = bitmap_of([PortRange::new(41000, 41009)]);
+        plan(&reserved, &wanted, &mut next);
+        assert_eq!(format(&next), "41000-41009");
+        let claimed = claimed_while_writing(&ours, &next);
+        assert_eq!(format(&claimed), "40000-40009,41000-41009");
+        // Had the daemon died before the write, the next plan gives up the claim on what is not
+        // reserved, and leaves the rest as it was.
+        let mut claim = claimed;
+        let (after, added, removed) = plan(&reserved, &PortBitmap::EMPTY, &mut claim);
+        assert_eq!(format(&after), "8080", "someone else's reservation stays");
+        assert_eq!((added, removed), (0, 0));
+        assert_eq!(claim, PortBitmap::EMPTY, "the claim is dropped");
     }
 
     #[test]

@@ -156,6 +156,7 @@ mod tests {
             version: 1,
             uptime_s: 3725,
             lost_events: 2,
+            events_received: 40,
             mode: "enforce".into(),
             policy: "/etc/portguard/policy.toml".into(),
             scopes: vec![ScopeStatus {

@@ -19,7 +19,8 @@ pub fn run(pins: &Path, cgroup: Option<&Path>) -> anyhow::Result<ExitCode> {
     let lock = PinLock::take(pins).context("stop the daemon first")?;
     // Give the reserved ports back first: the record of which ones are ours is a pinned map.
     if let Some(mut ours) = pins::pinned_reservation(pins)? {
-        let (_, removed) = reserved_ports::apply(&PortBitmap::EMPTY, &mut ours)
+        // Only giving back: the record (about to be removed) never lacks a port.
+        let (_, removed) = reserved_ports::apply(&PortBitmap::EMPTY, &mut ours, |_| Ok(()))
             .context("restoring net.ipv4.ip_local_reserved_ports")?;
         println!("returned {removed} reserved port(s) to net.ipv4.ip_local_reserved_ports");
     }

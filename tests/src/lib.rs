@@ -3,6 +3,9 @@
 
 pub mod bad_policy;
 pub mod bpf_query;
+pub mod bpf_raw;
+pub mod checks;
+pub mod faults;
 pub mod reliability;
 
 use std::{

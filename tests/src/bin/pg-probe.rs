@@ -20,7 +20,16 @@
 //!                              the same until FILE exists (60 s at most), reporting the count
 //!   connect-until FILE PORT tcp|udp LO HI
 //!                              the same with connect() of new sockets to 127.0.0.1:PORT
+//!   connect-loop tcp|udp|mix PORT N LO HI
+//!                              N times: connect a new socket to 127.0.0.1:PORT (mix: TCP and
+//!                              UDP by turns), check its port is in LO-HI, close it (a TCP one
+//!                              with a reset, so no TIME_WAIT holds the port); report how many
+//!                              of each, how many were outside LO-HI and how many failed
 //!   hold FILE                  print {"op":"hold"} and wait (30 s at most) until FILE exists
+//!   move DIR                   move this process into the cgroup at DIR (its sockets stay open)
+//!   write N                    write one byte on the N-th kept (connected) socket
+//!   linger0 N                  set SO_LINGER 0 on the N-th kept socket, so that closing a TCP
+//!                              connection resets it and leaves no TIME_WAIT on its port
 //! Each result: {"op":..,"proto":..,"port":local port or 0,"errno":0 or the errno,"count":..}
 
 use std::{io, os::fd::RawFd};
@@ -176,6 +185,48 @@ fn main() {
                     std::process::id()
                 );
             }
+            "connect-loop" => {
+                let mode = next();
+                let port: u16 = next().parse().expect("port");
+                let times: usize = next().parse().expect("count");
+                let lo: u16 = next().parse().expect("lo");
+                let hi: u16 = next().parse().expect("hi");
+                let (mut tcp, mut udp, mut outside, mut failures) = (0, 0, 0, 0);
+                let mut first_errno = 0;
+                for call in 0..times {
+                    let proto = match mode {
+                        "mix" if call % 2 == 0 => "tcp",
+                        "mix" => "udp",
+                        other => other,
+                    };
+                    let fd = socket(proto);
+                    match connect(fd, port) {
+                        Ok(()) => {
+                            if !(lo..=hi).contains(&local_port(fd)) {
+                                outside += 1;
+                            }
+                            if proto == "tcp" {
+                                set_linger0(fd);
+                                tcp += 1;
+                            } else {
+                                udp += 1;
+                            }
+                        }
+                        Err(error) => {
+                            failures += 1;
+                            if first_errno == 0 {
+                                first_errno = error.raw_os_error().unwrap_or(-1);
+                            }
+                        }
+                    }
+                    // SAFETY: closing our own fd.
+                    unsafe { libc::close(fd) };
+                }
+                println!(
+                    "{{\"op\":\"connect-loop\",\"proto\":\"{mode}\",\"port\":0,\"errno\":{first_errno},\"count\":{times},\"tcp\":{tcp},\"udp\":{udp},\"outside\":{outside},\"failures\":{failures},\"pid\":{}}}",
+                    std::process::id()
+                );
+            }
             "hold" => {
                 let file = next();
                 println!(
@@ -201,6 +252,33 @@ fn main() {
                 // SAFETY: closing our own fd.
                 unsafe { libc::close(fd) };
                 report(op, "-", Ok(0), None);
+            }
+            "move" => {
+                let dir = next();
+                std::fs::write(
+                    format!("{dir}/cgroup.procs"),
+                    std::process::id().to_string(),
+                )
+                .unwrap_or_else(|error| panic!("cannot move into {dir}: {error}"));
+                report(op, "-", Ok(0), None);
+            }
+            "write" => {
+                let index: usize = next().parse().expect("index");
+                let fd = kept[index].expect("socket closed");
+                // SAFETY: valid fd and buffer.
+                let written = unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+                let result = if written == 1 {
+                    Ok(local_port(fd))
+                } else {
+                    Err(io::Error::last_os_error())
+                };
+                report(op, "-", result, None);
+            }
+            "linger0" => {
+                let index: usize = next().parse().expect("index");
+                let fd = kept[index].expect("socket closed");
+                set_linger0(fd);
+                report(op, "-", Ok(local_port(fd)), None);
             }
             other => panic!("unknown op {other}"),
         }
@@ -304,6 +382,25 @@ fn connect(fd: RawFd, port: u16) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// SO_LINGER with a zero timeout: close() sends a reset instead of a FIN.
+fn set_linger0(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option buffer.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(ret, 0, "SO_LINGER: {}", io::Error::last_os_error());
 }
 
 fn local_port(fd: RawFd) -> u16 {
