@@ -35,7 +35,10 @@ pub fn update_readme(root: &Path) -> anyhow::Result<()> {
     let updated = format!("{}{BEGIN}\n{body}{}", &readme[..start], &readme[end..]);
     if updated != readme {
         fs::write(&readme_path, updated).context("writing README.md")?;
-        println!("README.md: RELIABILITY section updated from {} figures", fragments.len());
+        println!(
+            "README.md: RELIABILITY section updated from {} figures",
+            fragments.len()
+        );
     }
     Ok(())
 }
