@@ -29,15 +29,17 @@ enum Task {
     /// Set up, then check formatting, run clippy with warnings denied, the unit tests and the
     /// privileged end-to-end tests (as root; PORTGUARD_SKIP_PRIVILEGED=1 skips those, loudly).
     Test,
-    /// As root: set up, build and run the daemon in the foreground. Without arguments it uses the
-    /// embedded observe-only policy; arguments after `--` go to `portguard daemon`.
-    /// As root: measure the event pipeline, daemon start-up and memory; write bench/results.json
-    /// and bench/results.md.
+    /// As root: measure what portguard costs beside the kernel alone (per-program cost, connect
+    /// rates, latency as a range fills, the event pipeline, start-up and memory); write
+    /// bench/results.json, bench/results.md and the README's headline.
     Bench {
-        /// One short repetition, to check that the benchmark still works (CI runs this).
+        /// One short repetition of every part, to check that the benchmark still works (CI runs
+        /// this); results go to target/bench-quick.
         #[arg(long)]
         quick: bool,
     },
+    /// As root: set up, build and run the daemon in the foreground. Without arguments it uses the
+    /// embedded observe-only policy; arguments after `--` go to `portguard daemon`.
     Run {
         /// Arguments for `portguard daemon`, e.g. `-- --policy my.toml`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
