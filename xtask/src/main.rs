@@ -32,10 +32,12 @@ enum Task {
     /// target for 20 s and the privileged end-to-end tests (as root; PORTGUARD_SKIP_PRIVILEGED=1
     /// skips those, loudly).
     Test,
-    /// As root: measure the event pipeline, daemon start-up and memory; write bench/results.json
-    /// and bench/results.md.
+    /// As root: measure what portguard costs beside the kernel alone (per-program cost, connect
+    /// rates, latency as a range fills, the event pipeline, start-up and memory); write
+    /// bench/results.json, bench/results.md and the README's headline.
     Bench {
-        /// One short repetition, to check that the benchmark still works (CI runs this).
+        /// One short repetition of every part, to check that the benchmark still works (CI runs
+        /// this); results go to target/bench-quick.
         #[arg(long)]
         quick: bool,
     },
