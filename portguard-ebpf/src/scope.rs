@@ -3,11 +3,15 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_current_ancestor_cgroup_id};
+use aya_ebpf::maps::Array;
 use portguard_common::{
-    Config, Counters, MAX_CGROUP_LEVEL, NO_OWNER, SOCKET_COUNTED, ScopeRule, SocketRecord,
+    Config, Counters, MAX_CGROUP_LEVEL, NO_OWNER, SOCKET_COUNTED, SOCKET_SHARED, ScopeRule,
+    SocketRecord,
 };
 
-use crate::maps::{CONFIG, COUNTERS, PORT_HELD, PORT_OWNER, RULES, SCOPE_BY_CGROUP, SOCKETS};
+use crate::maps::{
+    CONFIG, COUNTERS, PORT_HELD, PORT_OWNER, PORT_SHARED, RULES, SCOPE_BY_CGROUP, SOCKETS,
+};
 
 /// A scope as one hook sees it.
 pub struct Scope {
@@ -52,17 +56,33 @@ pub fn port_owner(port: u16) -> u32 {
     PORT_OWNER.get(port as u32).copied().unwrap_or(NO_OWNER)
 }
 
-/// Whether the programs know of a socket holding the port of `slot` (see `held_slot`).
+/// Whether the programs know of a socket holding the port of `slot` (see `held_slot`) alone.
 #[inline(always)]
 pub fn port_held(slot: u32) -> bool {
     PORT_HELD.get(slot).is_some_and(|held| *held > 0)
 }
 
-/// Adds `delta` to the number of sockets holding the port of `slot`, atomically: other CPUs do
-/// the same.
+/// Whether the programs know of a socket holding the port of `slot` through a shared connect.
 #[inline(always)]
-pub fn add_port_held(slot: u32, delta: i32) {
-    if let Some(held) = PORT_HELD.get_ptr_mut(slot) {
+pub fn port_shared(slot: u32) -> bool {
+    PORT_SHARED.get(slot).is_some_and(|held| *held > 0)
+}
+
+/// The count map a socket with record flags `flags` is counted in.
+#[inline(always)]
+pub fn holders(flags: u16) -> &'static Array<i32> {
+    if flags & SOCKET_SHARED != 0 {
+        &PORT_SHARED
+    } else {
+        &PORT_HELD
+    }
+}
+
+/// Adds `delta` to the number of sockets holding the port of `slot` in `holders`, atomically:
+/// other CPUs do the same.
+#[inline(always)]
+pub fn add_port_held(holders: &Array<i32>, slot: u32, delta: i32) {
+    if let Some(held) = holders.get_ptr_mut(slot) {
         // The BPF target has no atomic types; with its result unused this becomes BPF's XADD.
         // SAFETY: the pointer is to a live, aligned map value; the kernel allows atomics on it.
         unsafe { atomic_xadd::<i32, i32, { AtomicOrdering::Relaxed }>(held, delta) };
@@ -95,8 +115,9 @@ pub fn add(counter: *mut u64, delta: u64) {
 }
 
 /// Records that the socket `cookie` holds the port of `slot` for scope `scope_id`, and counts
-/// it. The record is written first: a socket whose record could not be stored (a full map) is
-/// not counted either, so its release can never leave a port counted as held.
+/// it (in `PORT_SHARED` when `flags` has `SOCKET_SHARED`). The record is written first: a
+/// socket whose record could not be stored (a full map) is not counted either, so its release
+/// can never leave a port counted as held.
 #[inline(always)]
 pub fn hold_port(cookie: u64, slot: u32, scope_id: u32, flags: u16) {
     let record = SocketRecord {
@@ -107,6 +128,6 @@ pub fn hold_port(cookie: u64, slot: u32, scope_id: u32, flags: u16) {
     if SOCKETS.insert(cookie, record, BPF_NOEXIST as u64).is_err() {
         return;
     }
-    add_port_held(slot, 1);
+    add_port_held(holders(flags), slot, 1);
     count!(scope_id, held);
 }
