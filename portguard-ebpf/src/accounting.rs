@@ -2,6 +2,8 @@
 //! releases, and the one path where the kernel picks a port that no hook can steer (UDP sendmsg
 //! on an unbound socket).
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, bpf_sock},
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -105,11 +107,7 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
     let scope_id = u32::from(record.scope_id);
     // SAFETY: `c` points into a live per-CPU map value; adding the all-ones value subtracts one.
     bump(scope_id, |c| unsafe { &raw mut (*c).held }, u64::MAX);
-    let (family, remote_addr) = if sock.family == AF_INET6 as u32 {
-        (AF_INET6, sock.dst_ip6)
-    } else {
-        (crate::addr::AF_INET, [sock.dst_ip4, 0, 0, 0])
-    };
+    let (family, remote_addr) = remote_of(sock);
     emit(&Decision {
         op: OP_RELEASE,
         verdict: VERDICT_RELEASED,
@@ -123,6 +121,31 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
         errno: 0,
     });
     ALLOW
+}
+
+/// The family and remote address of a socket being released (IPv4 in the first word).
+#[inline(always)]
+fn remote_of(sock: &bpf_sock) -> (u16, [u32; 4]) {
+    // The verifier only allows context loads at a constant offset from the context pointer:
+    // each field is loaded on its own, before the family picks one.
+    // SAFETY: plain loads of context fields this program type may read.
+    let (family, ip4, ip6) = unsafe {
+        (
+            read_volatile(&sock.family),
+            read_volatile(&sock.dst_ip4),
+            [
+                read_volatile(&sock.dst_ip6[0]),
+                read_volatile(&sock.dst_ip6[1]),
+                read_volatile(&sock.dst_ip6[2]),
+                read_volatile(&sock.dst_ip6[3]),
+            ],
+        )
+    };
+    if family == AF_INET6 as u32 {
+        (AF_INET6, ip6)
+    } else {
+        (crate::addr::AF_INET, [ip4, 0, 0, 0])
+    }
 }
 
 /// Gives back the connection a shared socket claimed. A TCP socket that closes first leaves its

@@ -3,6 +3,8 @@
 //! A program may only read the `user_ip4` or the `user_ip6` field of its context, the one that
 //! matches its attach type, so the family is a const parameter resolved at compile time.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::bindings::bpf_sock_addr;
 
 pub const AF_INET: u16 = 2;
@@ -27,9 +29,20 @@ impl CallAddr {
     pub fn read<const V6: bool>(sock_addr: &bpf_sock_addr) -> Self {
         let port = u16::from_be(sock_addr.user_port as u16);
         if V6 {
+            // The context allows only 4-byte loads of `user_ip6` at constant offsets, not the
+            // 8-byte copy the compiler would make of the array.
+            // SAFETY: plain loads of context fields this program type may read.
+            let addr = unsafe {
+                [
+                    read_volatile(&sock_addr.user_ip6[0]),
+                    read_volatile(&sock_addr.user_ip6[1]),
+                    read_volatile(&sock_addr.user_ip6[2]),
+                    read_volatile(&sock_addr.user_ip6[3]),
+                ]
+            };
             Self {
                 family: AF_INET6,
-                addr: sock_addr.user_ip6,
+                addr,
                 port,
             }
         } else {
@@ -57,11 +70,24 @@ impl CallAddr {
 /// wildcard unless it was bound or given a source address beforehand.
 #[inline(always)]
 pub fn socket_local(sock_addr: &bpf_sock_addr) -> (u16, [u32; 4]) {
-    // SAFETY: `sk` is always set for sock_addr programs.
-    let sk = unsafe { &*sock_addr.__bindgen_anon_1.sk };
-    if sk.family == AF_INET6 as u32 {
-        (AF_INET6, sk.src_ip6)
+    // SAFETY: `sk` is always set for sock_addr programs; each field is loaded on its own at a
+    // constant offset, the only way the verifier accepts loads through a socket pointer.
+    let (family, ip4, ip6) = unsafe {
+        let sk = sock_addr.__bindgen_anon_1.sk;
+        (
+            read_volatile(&raw const (*sk).family),
+            read_volatile(&raw const (*sk).src_ip4),
+            [
+                read_volatile(&raw const (*sk).src_ip6[0]),
+                read_volatile(&raw const (*sk).src_ip6[1]),
+                read_volatile(&raw const (*sk).src_ip6[2]),
+                read_volatile(&raw const (*sk).src_ip6[3]),
+            ],
+        )
+    };
+    if family == AF_INET6 as u32 {
+        (AF_INET6, ip6)
     } else {
-        (AF_INET, [sk.src_ip4, 0, 0, 0])
+        (AF_INET, [ip4, 0, 0, 0])
     }
 }
