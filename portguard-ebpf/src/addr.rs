@@ -66,16 +66,27 @@ impl CallAddr {
     }
 }
 
-/// The socket's family and its local address (network order, IPv4 in the first word): the
-/// wildcard unless it was bound or given a source address beforehand.
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), network order.
 #[inline(always)]
-pub fn socket_local(sock_addr: &bpf_sock_addr) -> (u16, [u32; 4]) {
+pub fn v4_of_mapped(addr: &[u32; 4]) -> Option<u32> {
+    (addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD).then_some(addr[3])
+}
+
+/// The socket's family and its local address (network order, IPv4 in the first word): the
+/// wildcard unless it was bound or given a source address beforehand. The IPv6 hooks only see
+/// IPv6 sockets; the IPv4 hooks see IPv6 UDP sockets too (connect() with an AF_INET address).
+#[inline(always)]
+pub fn socket_local<const V6: bool>(sock_addr: &bpf_sock_addr) -> (u16, [u32; 4]) {
     // SAFETY: `sk` is always set for sock_addr programs; each field is loaded on its own at a
     // constant offset, the only way the verifier accepts loads through a socket pointer.
     let (family, ip4, ip6) = unsafe {
         let sk = sock_addr.__bindgen_anon_1.sk;
         (
-            read_volatile(&raw const (*sk).family),
+            if V6 {
+                AF_INET6 as u32
+            } else {
+                read_volatile(&raw const (*sk).family)
+            },
             read_volatile(&raw const (*sk).src_ip4),
             [
                 read_volatile(&raw const (*sk).src_ip6[0]),

@@ -13,7 +13,7 @@ use crate::{
     addr::CallAddr,
     events::{Decision, emit},
     maps::{BIND_ALLOW, RULES},
-    port_search::{Found, Local, pick_free_port},
+    port_search::{Local, pick_free_port},
     scope::{Scope, count, current_scope, port_owner},
 };
 
@@ -132,27 +132,26 @@ fn steer_bind(ctx: &SockAddrContext, local: &Local, scope: &Scope, decision: Dec
         emit(&decision);
         return ALLOW;
     }
-    match pick_free_port(local, &scope.rule, decision.protocol as u32) {
-        Found::Port { port, attempts } => {
-            // SAFETY: user_port is writable in bind4; the kernel binds the rewritten port.
-            unsafe { (*ctx.sock_addr).user_port = port.to_be() as u32 };
-            count!(scope.id, steered);
-            emit(&Decision {
-                verdict: VERDICT_STEERED,
-                local_port: port,
-                attempts,
-                ..decision
-            });
-            ALLOW
-        }
-        Found::Exhausted { attempts } | Found::Error { attempts, .. } => exhausted(
+    let found = pick_free_port(local, &scope.rule, decision.protocol as u32);
+    if found.port == 0 {
+        return exhausted(
             scope.id,
             Decision {
-                attempts,
+                attempts: found.attempts,
                 ..decision
             },
-        ),
+        );
     }
+    // SAFETY: user_port is writable in bind4/bind6; the kernel binds the rewritten port.
+    unsafe { (*ctx.sock_addr).user_port = found.port.to_be() as u32 };
+    count!(scope.id, steered);
+    emit(&Decision {
+        verdict: VERDICT_STEERED,
+        local_port: found.port,
+        attempts: found.attempts,
+        ..decision
+    });
+    ALLOW
 }
 
 /// Rule 5: no free port fails like the kernel's own allocator, with EADDRNOTAVAIL.

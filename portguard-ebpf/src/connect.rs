@@ -17,12 +17,14 @@ use portguard_common::{
 };
 
 use crate::{
-    addr::{CallAddr, socket_local},
+    addr::{AF_INET, AF_INET6, CallAddr, socket_local, v4_of_mapped},
     bind::{ALLOW, DENY, ON_INTERNAL_ERROR, exhausted},
     dest::{advance_dest_counter, dest_counter, dest_start},
     events::{Decision, emit},
     maps::SOCKET_TUPLES,
-    port_search::{Found, Local, Shared, bind_exclusive_port, bind_shared_port},
+    port_search::{
+        ConnectionLookup, Found, Local, Shared, bind_exclusive_port, bind_shared_port,
+    },
     scope::{Scope, count, current_scope, hold_port},
 };
 
@@ -86,7 +88,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Option<i32> {
         return Some(ALLOW);
     }
     // A source address chosen beforehand (IP_BIND_ADDRESS_NO_PORT) is kept.
-    let (family, addr) = socket_local(sock_addr);
+    let (family, addr) = socket_local::<V6>(sock_addr);
     let local = Local {
         sock_addr: ctx.sock_addr,
         family,
@@ -103,52 +105,52 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Option<i32> {
             TupleKey::default(),
         )
     };
-    Some(match found {
-        Found::Port { port, attempts } => {
-            let slot = held_slot(protocol, port as u32);
-            if shared {
-                let key = TupleKey {
-                    local_port: port,
-                    ..key
-                };
-                let _ = SOCKET_TUPLES.insert(cookie, key, BPF_ANY as u64);
-                hold_port(cookie, slot, scope.id, SOCKET_SHARED);
-            } else {
-                hold_port(cookie, slot, scope.id, 0);
-            }
-            count!(scope.id, steered);
-            emit(&Decision {
-                verdict: VERDICT_STEERED,
+    if found.port != 0 {
+        let port = found.port;
+        let slot = held_slot(protocol, port as u32);
+        if shared {
+            let key = TupleKey {
                 local_port: port,
-                attempts,
-                ..decision
-            });
-            ALLOW
+                ..key
+            };
+            let _ = SOCKET_TUPLES.insert(cookie, key, BPF_ANY as u64);
+            hold_port(cookie, slot, scope.id, SOCKET_SHARED);
+        } else {
+            hold_port(cookie, slot, scope.id, 0);
         }
-        Found::Exhausted { attempts } => exhausted(
+        count!(scope.id, steered);
+        emit(&Decision {
+            verdict: VERDICT_STEERED,
+            local_port: port,
+            attempts: found.attempts,
+            ..decision
+        });
+        return Some(ALLOW);
+    }
+    if found.errno == 0 {
+        return Some(exhausted(
             scope.id,
             Decision {
-                attempts,
+                attempts: found.attempts,
                 ..decision
             },
-        ),
-        Found::Error { errno, attempts } => {
-            warn!(
-                ctx,
-                "scope {}: bpf_bind failed with errno {}; connect refused", scope.id, errno
-            );
-            count!(scope.id, denied);
-            emit(&Decision {
-                verdict: VERDICT_DENIED,
-                attempts,
-                errno,
-                ..decision
-            });
-            // SAFETY: plain helper call; the syscall fails with the kernel's own errno.
-            unsafe { bpf_set_retval(-errno) };
-            DENY
-        }
-    })
+        ));
+    }
+    let errno = found.errno;
+    warn!(
+        ctx,
+        "scope {}: bpf_bind failed with errno {}; connect refused", scope.id, errno
+    );
+    count!(scope.id, denied);
+    emit(&Decision {
+        verdict: VERDICT_DENIED,
+        attempts: found.attempts,
+        errno,
+        ..decision
+    });
+    // SAFETY: plain helper call; the syscall fails with the kernel's own errno.
+    unsafe { bpf_set_retval(-errno) };
+    Some(DENY)
 }
 
 /// The shared search for this destination (see `port_search` and `dest`). The socket gets
@@ -172,23 +174,22 @@ fn connect_shared(
     };
     let size = scope.rule.size();
     if size == 0 {
-        return (Found::Exhausted { attempts: 0 }, key);
+        return (Found::exhausted(0), key);
     }
     if let Err(errno) = set_reuseaddr(sock_addr, 1) {
-        return (
-            Found::Error {
-                errno,
-                attempts: 0,
-            },
-            key,
-        );
+        return (Found::error(errno, 0), key);
     }
     let dest = dest_start(&key.remote_addr, remote.port, protocol, size);
     let start = ((dest.offset as u64 + dest_counter(dest.counter_slot) as u64) % size as u64) as u32;
-    let shared = Shared { key, cookie, start };
+    let shared = Shared {
+        key,
+        cookie,
+        start,
+        lookup: connection_lookup(local, remote),
+    };
     let (found, examined) = bind_shared_port(local, &scope.rule, protocol, &shared);
     advance_dest_counter(dest.counter_slot, examined);
-    if !matches!(found, Found::Port { .. }) {
+    if found.port == 0 {
         let _ = set_reuseaddr(sock_addr, 0);
     }
     (found, key)
@@ -208,4 +209,50 @@ fn set_reuseaddr(sock_addr: *mut bpf_sock_addr, on: i32) -> Result<(), i32> {
         )
     };
     if ret == 0 { Ok(()) } else { Err(-(ret as i32)) }
+}
+
+/// Where the kernel will file the connection, when its local address is known before the
+/// kernel routes it: the socket's own source address, or loopback for a loopback destination
+/// (the route the kernel picks there has it as its source). Otherwise only portguard's own
+/// records guard against reusing a connection the kernel still holds.
+#[inline(always)]
+fn connection_lookup(local: &Local, remote: &CallAddr) -> Option<ConnectionLookup> {
+    const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+    const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    let remote4 = if remote.family == AF_INET {
+        Some(remote.addr[0])
+    } else {
+        v4_of_mapped(&remote.addr)
+    };
+    if let Some(remote4) = remote4 {
+        let local4 = if local.family == AF_INET {
+            local.addr[0]
+        } else {
+            v4_of_mapped(&local.addr).unwrap_or(0)
+        };
+        let local4 = if local4 != 0 {
+            local4
+        } else if remote4.to_ne_bytes()[0] == 127 {
+            LOOPBACK4
+        } else {
+            return None;
+        };
+        return Some(ConnectionLookup {
+            family: AF_INET,
+            local: [local4, 0, 0, 0],
+            remote: [remote4, 0, 0, 0],
+        });
+    }
+    let local6 = if local.addr != [0; 4] {
+        local.addr
+    } else if remote.addr == LOOPBACK6 {
+        LOOPBACK6
+    } else {
+        return None;
+    };
+    Some(ConnectionLookup {
+        family: AF_INET6,
+        local: local6,
+        remote: remote.addr,
+    })
 }

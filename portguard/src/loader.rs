@@ -104,6 +104,14 @@ impl Enforcer {
                 _ => return Err(LoadError::MissingProgram(name)),
             };
             loaded.map_err(|source| LoadError::Program { name, source })?;
+            // How close each program is to the verifier's limit of 1,000,000 instructions.
+            if let Some(count) = program
+                .info()
+                .ok()
+                .and_then(|info| info.verified_instruction_count())
+            {
+                log::debug!("program {name}: the verifier processed {count} instructions");
+            }
         }
         let mut enforcer = Self {
             ebpf,
