@@ -10,8 +10,11 @@
 //!   churn PROTO FAMILY COUNT LO HI DEST...
 //!       COUNT times: connect a new socket to the next DEST, (TCP) wait for the peer to close
 //!       first, close: {"count":N,"failures":F,"errnos":[..distinct..],"outside":ports not in LO-HI}
-//!   bind PROTO FAMILY ADDR PORT
+//!   bind PROTO FAMILY ADDR:PORT
 //!       bind a new socket to ADDR:PORT: {"port":local port or 0,"errno":..}
+//!   bind-hold PROTO FAMILY COUNT ADDR:PORT
+//!       bind COUNT new sockets to ADDR:PORT, keeping them, until one fails:
+//!       {"ports":[local ports],"errno":errno of the failure or 0}
 //! DEST and ADDR: 127.0.0.1:PORT or [::1]:PORT style socket addresses.
 
 use std::{
@@ -85,11 +88,6 @@ fn main() {
                     Err(error) => {
                         failures += 1;
                         errnos.insert(error.raw_os_error().unwrap_or(-1));
-                        if std::env::var_os("PG_DEBUG").is_some() && failures < 4 {
-                            let port = local_port(fd);
-                            let out = std::process::Command::new("ss").args(["-tanH", &format!("sport = :{port}")]).output().unwrap();
-                            eprintln!("failed from {port} to {}: {}", dests[i % dests.len()], String::from_utf8_lossy(&out.stdout));
-                        }
                     }
                 }
                 // SAFETY: closing our own fd.
@@ -104,15 +102,27 @@ fn main() {
         "bind" => {
             let addr: SocketAddr = rest[0].parse().expect("ADDR:PORT");
             let fd = family.socket(kind);
-            let (addr, len) = family.sockaddr(addr);
-            // SAFETY: valid fd and address of `len` bytes.
-            let ret = unsafe { libc::bind(fd, (&raw const addr).cast(), len) };
-            let (port, errno) = if ret == 0 {
-                (local_port(fd), 0)
-            } else {
-                (0, io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+            let (port, errno) = match bind(fd, &family.sockaddr(addr)) {
+                Ok(()) => (local_port(fd), 0),
+                Err(error) => (0, error.raw_os_error().unwrap_or(-1)),
             };
             println!("{{\"port\":{port},\"errno\":{errno}}}");
+        }
+        "bind-hold" => {
+            let count: usize = rest[0].parse().expect("count");
+            let addr = family.sockaddr(rest[1].parse().expect("ADDR:PORT"));
+            let (mut ports, mut failure) = (vec![], 0);
+            for _ in 0..count {
+                let fd = family.socket(kind);
+                match bind(fd, &addr) {
+                    Ok(()) => ports.push(local_port(fd).to_string()),
+                    Err(error) => {
+                        failure = error.raw_os_error().unwrap_or(-1);
+                        break;
+                    }
+                }
+            }
+            println!("{{\"ports\":[{}],\"errno\":{failure}}}", ports.join(","));
         }
         other => panic!("unknown op {other}"),
     }
@@ -203,6 +213,16 @@ fn parse_addrs(texts: &[String]) -> Vec<SocketAddr> {
         .iter()
         .map(|text| text.parse().expect("ADDR:PORT"))
         .collect()
+}
+
+fn bind(fd: RawFd, (addr, len): &(libc::sockaddr_storage, u32)) -> io::Result<()> {
+    // SAFETY: valid fd and address of `len` bytes.
+    let ret = unsafe { libc::bind(fd, (&raw const *addr).cast(), *len) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn connect(fd: RawFd, (addr, len): &(libc::sockaddr_storage, u32)) -> io::Result<()> {
