@@ -24,6 +24,9 @@ pub const RULE_AUDIT: u32 = 1 << 0;
 pub const RULE_BIND_LIST: u32 = 1 << 1;
 /// Refuse ports the kernel autobinds where no hook can steer them (`strict = true`).
 pub const RULE_STRICT: u32 = 1 << 2;
+/// connect() shares local ports between destinations as the kernel does (`share = true`): one
+/// port carries one connection per remote address and port, not one connection in all.
+pub const RULE_SHARE: u32 = 1 << 3;
 
 /// One scope's rule, indexed by scope id in `RULES`.
 #[repr(C)]
@@ -149,6 +152,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortBitmap {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::SocketRecord {}
+    unsafe impl aya::Pod for super::TupleKey {}
 }
 
 /// Entries of `PORT_HELD`: one per port for TCP, then one per port for UDP. A port taken for one
@@ -184,3 +188,35 @@ pub const SOCKET_COUNTED: u16 = 1 << 0;
 pub const SOCKET_EXPLICIT: u16 = 1 << 1;
 /// The socket's port was autobound by the kernel and has been reported once.
 pub const SOCKET_REPORTED: u16 = 1 << 2;
+/// The socket was given a shared port by connect(): it is counted in `PORT_SHARED`, not
+/// `PORT_HELD`, and its connection is claimed in `TUPLES`.
+pub const SOCKET_SHARED: u16 = 1 << 3;
+
+/// A connection as portguard tells connections apart on a shared port: the remote end (IPv4 as
+/// `::ffff:a.b.c.d`, so that IPv4 and dual-stack sockets meet in one key space, as they do in
+/// the kernel's tables), the local port and the protocol. The local address is left out: two
+/// connections that differ only in it are treated as the same, which can only make the search
+/// skip a port the kernel would have allowed, never hand out a duplicate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    /// Network order.
+    pub remote_addr: [u32; 4],
+    /// Host order.
+    pub remote_port: u16,
+    /// Host order.
+    pub local_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<TupleKey>() == 24);
+
+/// Entries of `DEST_COUNTERS`, the per-destination counters of the shared-port search (RFC 6056
+/// algorithm 4's table).
+pub const DEST_COUNTER_SLOTS: u32 = 4096;
+/// How long a connection closed by its own side keeps its tuple in TIME_WAIT (the kernel's
+/// TCP_TIMEWAIT_LEN).
+pub const TIME_WAIT_NS: u64 = 60_000_000_000;
+/// How long a port that `bpf_bind` found taken by a socket portguard does not know about is
+/// skipped before it is tried again.
+pub const BUSY_HINT_NS: u64 = 1_000_000_000;

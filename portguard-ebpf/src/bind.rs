@@ -1,4 +1,4 @@
-//! bind() of IPv4 sockets: steer port 0 into the scope's range, judge explicit ports.
+//! bind() of IPv4 and IPv6 sockets: steer port 0 into the scope's range, judge explicit ports.
 
 use aya_ebpf::{
     helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
@@ -10,9 +10,10 @@ use portguard_common::{
 };
 
 use crate::{
+    addr::CallAddr,
     events::{Decision, emit},
     maps::{BIND_ALLOW, RULES},
-    port_search::{Found, pick_free_port},
+    port_search::{Local, pick_free_port},
     scope::{Scope, count, current_scope, port_owner},
 };
 
@@ -29,25 +30,33 @@ pub const EADDRNOTAVAIL: i32 = 99;
 
 #[cgroup_sock_addr(bind4)]
 pub fn pg_bind4(ctx: SockAddrContext) -> i32 {
-    try_bind4(&ctx).unwrap_or(ON_INTERNAL_ERROR)
+    try_bind::<false>(&ctx).unwrap_or(ON_INTERNAL_ERROR)
 }
 
-fn try_bind4(ctx: &SockAddrContext) -> Option<i32> {
+#[cgroup_sock_addr(bind6)]
+pub fn pg_bind6(ctx: SockAddrContext) -> i32 {
+    try_bind::<true>(&ctx).unwrap_or(ON_INTERNAL_ERROR)
+}
+
+#[inline(always)]
+fn try_bind<const V6: bool>(ctx: &SockAddrContext) -> Option<i32> {
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let sock_addr = unsafe { &mut *ctx.sock_addr };
     let protocol = sock_addr.protocol;
     if protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32 {
         return Some(ALLOW);
     }
-    let port = u16::from_be(sock_addr.user_port as u16);
+    let call = CallAddr::read::<V6>(sock_addr);
+    let port = call.port;
     let (config, scope) = current_scope()?;
     let decision = Decision {
         op: OP_BIND,
         verdict: VERDICT_ALLOWED,
         scope_id: NO_SCOPE,
+        family: call.family,
         protocol: protocol as u8,
         local_port: port,
-        remote_ip4: 0,
+        remote_addr: [0; 4],
         remote_port: 0,
         attempts: 0,
         errno: 0,
@@ -60,7 +69,13 @@ fn try_bind4(ctx: &SockAddrContext) -> Option<i32> {
         ..decision
     };
     if port == 0 {
-        return Some(steer_bind(ctx, sock_addr.user_ip4, &scope, decision));
+        // bind() only reaches the hook of the socket's own family.
+        let local = Local {
+            sock_addr: ctx.sock_addr,
+            family: call.family,
+            addr: call.addr,
+        };
+        return Some(steer_bind(ctx, &local, &scope, decision));
     }
     Some(explicit_bind(port, &scope, decision))
 }
@@ -110,39 +125,33 @@ fn explicit_bind(port: u16, scope: &Scope, decision: Decision) -> i32 {
 
 /// Rule 1: port 0 becomes a free port of the range.
 #[inline(always)]
-fn steer_bind(ctx: &SockAddrContext, bind_addr: u32, scope: &Scope, decision: Decision) -> i32 {
+fn steer_bind(ctx: &SockAddrContext, local: &Local, scope: &Scope, decision: Decision) -> i32 {
     if scope.rule.flags & RULE_AUDIT != 0 {
         // Audit: the kernel picks as it would without portguard.
         count!(scope.id, allowed);
         emit(&decision);
         return ALLOW;
     }
-    match pick_free_port(
-        ctx.sock_addr,
-        &scope.rule,
-        decision.protocol as u32,
-        bind_addr,
-    ) {
-        Found::Port { port, attempts } => {
-            // SAFETY: user_port is writable in bind4; the kernel binds the rewritten port.
-            unsafe { (*ctx.sock_addr).user_port = port.to_be() as u32 };
-            count!(scope.id, steered);
-            emit(&Decision {
-                verdict: VERDICT_STEERED,
-                local_port: port,
-                attempts,
-                ..decision
-            });
-            ALLOW
-        }
-        Found::Exhausted { attempts } | Found::Error { attempts, .. } => exhausted(
+    let found = pick_free_port(local, &scope.rule, decision.protocol as u32);
+    if found.port == 0 {
+        return exhausted(
             scope.id,
             Decision {
-                attempts,
+                attempts: found.attempts,
                 ..decision
             },
-        ),
+        );
     }
+    // SAFETY: user_port is writable in bind4/bind6; the kernel binds the rewritten port.
+    unsafe { (*ctx.sock_addr).user_port = found.port.to_be() as u32 };
+    count!(scope.id, steered);
+    emit(&Decision {
+        verdict: VERDICT_STEERED,
+        local_port: found.port,
+        attempts: found.attempts,
+        ..decision
+    });
+    ALLOW
 }
 
 /// Rule 5: no free port fails like the kernel's own allocator, with EADDRNOTAVAIL.

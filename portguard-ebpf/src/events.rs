@@ -4,7 +4,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid,
     generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
 };
-use portguard_common::{AF_INET, Event};
+use portguard_common::Event;
 
 use crate::{
     maps::{EVENTS, LOST_EVENTS},
@@ -16,10 +16,12 @@ pub struct Decision {
     pub op: u8,
     pub verdict: u8,
     pub scope_id: u32,
+    /// `AF_INET` or `AF_INET6`: the family of the address the call named.
+    pub family: u16,
     pub protocol: u8,
     pub local_port: u16,
-    /// Network order.
-    pub remote_ip4: u32,
+    /// Network order; IPv4 in the first word.
+    pub remote_addr: [u32; 4],
     pub remote_port: u16,
     pub attempts: u32,
     pub errno: i32,
@@ -35,7 +37,9 @@ pub fn emit(decision: &Decision) {
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut remote_addr = [0u8; 16];
-    remote_addr[..4].copy_from_slice(&decision.remote_ip4.to_ne_bytes());
+    for (bytes, word) in remote_addr.chunks_exact_mut(4).zip(decision.remote_addr) {
+        bytes.copy_from_slice(&word.to_ne_bytes());
+    }
     entry.write(Event {
         // SAFETY: plain helper calls without arguments that can be wrong.
         ts_ns: unsafe { bpf_ktime_get_ns() },
@@ -46,7 +50,7 @@ pub fn emit(decision: &Decision) {
         attempts: decision.attempts,
         remote_addr,
         comm: bpf_get_current_comm().unwrap_or_default(),
-        family: AF_INET,
+        family: decision.family,
         local_port: decision.local_port,
         remote_port: decision.remote_port,
         protocol: decision.protocol,

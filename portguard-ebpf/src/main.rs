@@ -1,4 +1,4 @@
-//! portguard's cgroup programs: per-cgroup ephemeral port ranges and bind rules for IPv4.
+//! portguard's cgroup programs: per-cgroup ephemeral port ranges and bind rules, IPv4 and IPv6.
 #![no_std]
 #![no_main]
 // The BPF target has no atomic read-modify-write types; the counters need the intrinsic.
@@ -6,8 +6,10 @@
 #![allow(internal_features)]
 
 mod accounting;
+mod addr;
 mod bind;
 mod connect;
+mod dest;
 mod events;
 mod maps;
 mod port_search;

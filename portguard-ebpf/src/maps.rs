@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use portguard_common::{
-    Config, Counters, HELD_SLOTS, MAX_SCOPED_CGROUPS, MAX_SCOPES, PORT_COUNT, PortBitmap,
-    SCOPE_NAME_BYTES, ScopeRule, SocketRecord,
+    Config, Counters, DEST_COUNTER_SLOTS, HELD_SLOTS, MAX_SCOPED_CGROUPS, MAX_SCOPES, PORT_COUNT,
+    PortBitmap, SCOPE_NAME_BYTES, ScopeRule, SocketRecord, TupleKey,
 };
 
 /// Global settings (index 0), written by the daemon.
@@ -36,6 +36,45 @@ pub static PORT_OWNER: Array<u32> = Array::pinned(PORT_COUNT, 0);
 /// authority.
 #[map(name = "PORT_HELD")]
 pub static PORT_HELD: Array<i32> = Array::pinned(HELD_SLOTS, 0);
+
+/// `held_slot(protocol, port)` -> number of sockets holding that port through a shared
+/// connect(). Such a port may carry more connections (to other destinations) but is never handed
+/// to a bind(0) or an exclusive connect.
+#[map(name = "PORT_SHARED")]
+pub static PORT_SHARED: Array<i32> = Array::pinned(HELD_SLOTS, 0);
+
+/// Connections on shared ports -> cookie of the socket that claimed it. Inserted with
+/// `BPF_NOEXIST` before the port is bound, so two concurrent connects to one destination can
+/// never both take the same port.
+#[map(name = "TUPLES")]
+pub static TUPLES: HashMap<TupleKey, u64> = HashMap::pinned(TUPLE_SLOTS, 0);
+pub const TUPLE_SLOTS: u32 = 131_072;
+
+/// socket cookie -> the connection it claimed in `TUPLES`, for its release: by then the socket
+/// may have forgotten its destination (a refused connect clears it).
+#[map(name = "SOCKET_TUPLES")]
+pub static SOCKET_TUPLES: HashMap<u64, TupleKey> = HashMap::pinned(TUPLE_SLOTS, 0);
+
+/// Connections closed by their own side -> when their TIME_WAIT ends (CLOCK_MONOTONIC ns). The
+/// search avoids them while other ports are free, as the kernel's allocator does; losing an
+/// entry to eviction only loses that preference, the kernel still refuses a duplicate.
+#[map(name = "TIME_WAIT")]
+pub static TIME_WAIT: LruHashMap<TupleKey, u64> = LruHashMap::pinned(TUPLE_SLOTS, 0);
+
+/// `held_slot(protocol, port)` -> when `bpf_bind` last found that port taken by a socket the
+/// programs do not know (one outside the attach point, or older than the daemon). The search
+/// skips such ports for `BUSY_HINT_NS` before it asks the kernel again.
+#[map(name = "BUSY_HINT")]
+pub static BUSY_HINT: Array<u64> = Array::pinned(HELD_SLOTS, 0);
+
+/// The per-destination counters of the shared-port search (RFC 6056 algorithm 4).
+#[map(name = "DEST_COUNTERS")]
+pub static DEST_COUNTERS: Array<u32> = Array::pinned(DEST_COUNTER_SLOTS, 0);
+
+/// The key of the destination hash (index 0), random, written by the daemon when it creates the
+/// maps and kept across restarts, so that ports are not predictable from outside.
+#[map(name = "PORT_SECRET")]
+pub static PORT_SECRET: Array<[u64; 2]> = Array::pinned(1, 0);
 
 /// socket cookie -> what the programs recorded about that socket, so that its release undoes
 /// exactly what was counted.

@@ -2,12 +2,21 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_current_ancestor_cgroup_id};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_loop},
+};
+use aya_ebpf::maps::Array;
 use portguard_common::{
-    Config, Counters, MAX_CGROUP_LEVEL, NO_OWNER, SOCKET_COUNTED, ScopeRule, SocketRecord,
+    Config, Counters, MAX_CGROUP_LEVEL, NO_OWNER, SOCKET_COUNTED, SOCKET_SHARED, ScopeRule,
+    SocketRecord,
 };
 
-use crate::maps::{CONFIG, COUNTERS, PORT_HELD, PORT_OWNER, RULES, SCOPE_BY_CGROUP, SOCKETS};
+use crate::maps::{
+    CONFIG, COUNTERS, PORT_HELD, PORT_OWNER, PORT_SHARED, RULES, SCOPE_BY_CGROUP, SOCKETS,
+};
 
 /// A scope as one hook sees it.
 pub struct Scope {
@@ -20,30 +29,74 @@ pub struct Scope {
 ///
 /// sock_addr programs cannot read the socket's cgroup (`bpf_sk_cgroup_id` is refused), so this
 /// looks at the current task's cgroup ancestry, deepest level first. The walk is limited to the
-/// levels the daemon says scopes live at, so unscoped tasks pay a few lookups at most.
+/// levels the daemon says scopes live at, so unscoped tasks pay a few lookups at most. It runs
+/// in `bpf_loop`: as an unrolled loop every level would be a separate path through the rest of
+/// the program for the verifier, and the programs would outgrow its limit.
 #[inline(always)]
 pub fn current_scope() -> Option<(Config, Option<Scope>)> {
     let config = *CONFIG.get(0)?;
-    let mut level = config.max_level;
-    for _ in 0..MAX_CGROUP_LEVEL {
-        if level < config.min_level {
-            break;
-        }
-        // SAFETY: a plain helper call; 0 means the task's cgroup is shallower than `level`.
-        let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if cgroup_id != 0 {
-            // SAFETY: the value is copied out before anything can delete it.
-            if let Some(&id) = unsafe { SCOPE_BY_CGROUP.get(cgroup_id) } {
-                let rule = *RULES.get(id)?;
-                return Some((config, Some(Scope { id, rule })));
-            }
-        }
-        if level == 0 {
-            break;
-        }
-        level -= 1;
+    if config.min_level > config.max_level || config.max_level >= MAX_CGROUP_LEVEL {
+        return Some((config, None));
     }
-    Some((config, None))
+    let mut walk = Walk {
+        level: config.max_level,
+        min_level: config.min_level,
+        scope_id: 0,
+        found: 0,
+    };
+    let levels = config.max_level - config.min_level + 1;
+    // SAFETY: `walk` outlives the loop; the callback only touches it through the pointer.
+    unsafe {
+        bpf_loop(
+            levels,
+            walk_level as *mut c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    if walk.found == 0 {
+        return Some((config, None));
+    }
+    let rule = *RULES.get(walk.scope_id)?;
+    Some((
+        config,
+        Some(Scope {
+            id: walk.scope_id,
+            rule,
+        }),
+    ))
+}
+
+#[repr(C)]
+struct Walk {
+    level: u32,
+    min_level: u32,
+    scope_id: u32,
+    found: u32,
+}
+
+/// One level of the walk: 1 stops it (a scope found, or no level left), 0 goes one level up.
+unsafe extern "C" fn walk_level(_index: u64, walk: *mut Walk) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer `walk` passed in.
+    let walk = unsafe { &mut *walk };
+    if walk.level < walk.min_level {
+        return 1;
+    }
+    // SAFETY: a plain helper call; 0 means the task's cgroup is shallower than `level`.
+    let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(walk.level as i32) };
+    if cgroup_id != 0 {
+        // SAFETY: the value is copied out at once.
+        if let Some(&id) = unsafe { SCOPE_BY_CGROUP.get(cgroup_id) } {
+            walk.scope_id = id;
+            walk.found = 1;
+            return 1;
+        }
+    }
+    if walk.level == 0 {
+        return 1;
+    }
+    walk.level -= 1;
+    0
 }
 
 /// Scope id + 1 of the scope whose range holds `port`, or `NO_OWNER`.
@@ -52,17 +105,33 @@ pub fn port_owner(port: u16) -> u32 {
     PORT_OWNER.get(port as u32).copied().unwrap_or(NO_OWNER)
 }
 
-/// Whether the programs know of a socket holding the port of `slot` (see `held_slot`).
+/// Whether the programs know of a socket holding the port of `slot` (see `held_slot`) alone.
 #[inline(always)]
 pub fn port_held(slot: u32) -> bool {
     PORT_HELD.get(slot).is_some_and(|held| *held > 0)
 }
 
-/// Adds `delta` to the number of sockets holding the port of `slot`, atomically: other CPUs do
-/// the same.
+/// Whether the programs know of a socket holding the port of `slot` through a shared connect.
 #[inline(always)]
-pub fn add_port_held(slot: u32, delta: i32) {
-    if let Some(held) = PORT_HELD.get_ptr_mut(slot) {
+pub fn port_shared(slot: u32) -> bool {
+    PORT_SHARED.get(slot).is_some_and(|held| *held > 0)
+}
+
+/// The count map a socket with record flags `flags` is counted in.
+#[inline(always)]
+pub fn holders(flags: u16) -> &'static Array<i32> {
+    if flags & SOCKET_SHARED != 0 {
+        &PORT_SHARED
+    } else {
+        &PORT_HELD
+    }
+}
+
+/// Adds `delta` to the number of sockets holding the port of `slot` in `holders`, atomically:
+/// other CPUs do the same.
+#[inline(always)]
+pub fn add_port_held(holders: &Array<i32>, slot: u32, delta: i32) {
+    if let Some(held) = holders.get_ptr_mut(slot) {
         // The BPF target has no atomic types; with its result unused this becomes BPF's XADD.
         // SAFETY: the pointer is to a live, aligned map value; the kernel allows atomics on it.
         unsafe { atomic_xadd::<i32, i32, { AtomicOrdering::Relaxed }>(held, delta) };
@@ -95,8 +164,9 @@ pub fn add(counter: *mut u64, delta: u64) {
 }
 
 /// Records that the socket `cookie` holds the port of `slot` for scope `scope_id`, and counts
-/// it. The record is written first: a socket whose record could not be stored (a full map) is
-/// not counted either, so its release can never leave a port counted as held.
+/// it (in `PORT_SHARED` when `flags` has `SOCKET_SHARED`). The record is written first: a
+/// socket whose record could not be stored (a full map) is not counted either, so its release
+/// can never leave a port counted as held.
 #[inline(always)]
 pub fn hold_port(cookie: u64, slot: u32, scope_id: u32, flags: u16) {
     let record = SocketRecord {
@@ -107,6 +177,6 @@ pub fn hold_port(cookie: u64, slot: u32, scope_id: u32, flags: u16) {
     if SOCKETS.insert(cookie, record, BPF_NOEXIST as u64).is_err() {
         return;
     }
-    add_port_held(slot, 1);
+    add_port_held(holders(flags), slot, 1);
     count!(scope_id, held);
 }

@@ -58,13 +58,14 @@ pub fn summary(name: &str, policy: &Policy) -> String {
             ),
         };
         out += &format!(
-            "  {}: {}, {}, explicit binds: {}, {}{}\n",
+            "  {}: {}, {}, explicit binds: {}, {}{}{}\n",
             scope.name,
             scope.selector,
             ports,
             bind,
             scope.effective_mode(policy.mode),
             if scope.strict { ", strict" } else { "" },
+            if scope.share { "" } else { ", one connection per port" },
         );
     }
     out

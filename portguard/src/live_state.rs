@@ -366,12 +366,12 @@ pub fn decode(received: &Received, names: &HashMap<u32, String>) -> EventRecord 
         .position(|&b| b == 0)
         .unwrap_or(event.comm.len());
     let has_remote = event.op != OP_BIND;
-    let remote = std::net::Ipv4Addr::new(
-        event.remote_addr[0],
-        event.remote_addr[1],
-        event.remote_addr[2],
-        event.remote_addr[3],
-    );
+    let remote = if event.family == AF_INET {
+        let [a, b, c, d, ..] = event.remote_addr;
+        std::net::IpAddr::from([a, b, c, d])
+    } else {
+        std::net::IpAddr::from(event.remote_addr)
+    };
     let scope_id = (event.scope_id != NO_SCOPE).then_some(event.scope_id);
     EventRecord {
         ts_ns: event.ts_ns,

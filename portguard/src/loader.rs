@@ -17,7 +17,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use portguard_common::{
     ALL_MAPS, ALL_PROGRAMS, Config, MAP_BIND_ALLOW, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS,
-    MAP_LOST_EVENTS, MAP_PORT_OWNER, MAP_RESERVED, MAP_RULES, MAP_SCOPE_BY_CGROUP, MAP_SCOPE_NAMES,
+    MAP_LOST_EVENTS, MAP_PORT_OWNER, MAP_PORT_SECRET, MAP_RESERVED, MAP_RULES, MAP_SCOPE_BY_CGROUP, MAP_SCOPE_NAMES,
     MAX_SCOPES, NO_OWNER, PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
 };
 
@@ -64,6 +64,8 @@ pub enum LoadError {
         path: String,
         source: std::io::Error,
     },
+    #[error("drawing the port hash key from getrandom(2): {0}")]
+    Random(std::io::Error),
 }
 
 /// The loaded programs and their maps. Dropping it detaches every program.
@@ -106,6 +108,14 @@ impl Enforcer {
                 _ => return Err(LoadError::MissingProgram(name)),
             };
             loaded.map_err(|source| LoadError::Program { name, source })?;
+            // How close each program is to the verifier's limit of 1,000,000 instructions.
+            if let Some(count) = program
+                .info()
+                .ok()
+                .and_then(|info| info.verified_instruction_count())
+            {
+                log::debug!("program {name}: the verifier processed {count} instructions");
+            }
         }
         let mut enforcer = Self {
             ebpf,
@@ -127,7 +137,26 @@ impl Enforcer {
             enforcer.walk = (running.min_level <= running.max_level)
                 .then_some((running.min_level, running.max_level));
         }
+        enforcer.ensure_port_secret()?;
         Ok(enforcer)
+    }
+
+    /// Gives the destination hash of shared ports its random key, once per set of maps: an
+    /// adopted key is kept, so a restart does not reshuffle where destinations start.
+    fn ensure_port_secret(&mut self) -> Result<(), LoadError> {
+        let mut secret: Array<_, [u64; 2]> = self.map_mut(MAP_PORT_SECRET)?;
+        if secret.get(&0, 0).map_err(map_error(MAP_PORT_SECRET))? != [0, 0] {
+            return Ok(());
+        }
+        let mut key = [0u64; 2];
+        // SAFETY: the buffer is `key`, 16 writable bytes.
+        let got = unsafe { libc::getrandom(key.as_mut_ptr().cast(), size_of_val(&key), 0) };
+        if got != size_of_val(&key) as isize {
+            return Err(LoadError::Random(std::io::Error::last_os_error()));
+        }
+        secret
+            .set(0, key, 0)
+            .map_err(map_error(MAP_PORT_SECRET))
     }
 
     /// Writes a policy into the maps, replacing the one in force without a gap: rules and port

@@ -125,7 +125,7 @@ pub fn uninstall(pins: &Path) -> Result<(usize, usize), LoadError> {
 /// How many of portguard's programs (by name) are attached directly at the cgroup `dir`.
 pub fn attached_portguard_programs(dir: &Path) -> std::io::Result<usize> {
     // bpf_attach_type values of the hooks portguard uses (uapi/linux/bpf.h).
-    const ATTACH_TYPES: [u32; 5] = [8, 10, 12, 14, 34];
+    const ATTACH_TYPES: [u32; 9] = [8, 9, 10, 11, 12, 13, 14, 15, 34];
     const BPF_PROG_QUERY: libc::c_long = 16;
     let cgroup = File::open(dir)?;
     let mut ids = vec![];

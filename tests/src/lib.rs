@@ -351,12 +351,34 @@ fn cgroup_temp_file(cgroup: &TestCgroup, name: &str) -> PathBuf {
 
 /// The pg-probe binary, built beside the test binaries (target/<profile>/pg-probe).
 fn probe_bin() -> PathBuf {
+    test_bin("pg-probe")
+}
+
+/// A binary of this package, next to the test binaries' directory.
+fn test_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test binary in target/<profile>/deps");
-    dir.join("pg-probe")
+    dir.join(name)
+}
+
+/// Runs `pg-connect` (sockets of either family, shared-port connections) in cgroup `dir` and
+/// returns its JSON result.
+pub fn pg_connect(dir: &Path, args: &[&str]) -> Value {
+    let output = Command::new(test_bin("pg-connect"))
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run pg-connect");
+    assert!(
+        output.status.success(),
+        "pg-connect {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("pg-connect JSON")
 }
 
 /// Polls `done` until it holds; fails the test after five seconds, naming `what`.

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use portguard_tests::{
-    Daemon, EADDRNOTAVAIL, EPERM, Peers, TestCgroup, bpf_query::portguard_programs, errno, port,
+    Daemon, EADDRNOTAVAIL, EPERM, Peers, TestCgroup, bpf_query::{PORTGUARD_ATTACH_TYPES, portguard_programs}, errno, port,
     privileged, probe,
 };
 
@@ -327,7 +327,7 @@ fn stopping_keeps_enforcement_and_uninstall_removes_everything() {
     );
     assert_eq!(
         portguard_programs(&cgroup.root),
-        [1, 1, 1, 1, 1],
+        [1; PORTGUARD_ATTACH_TYPES.len()],
         "attached while running"
     );
     let (code, log) = daemon.stop();
@@ -339,7 +339,7 @@ fn stopping_keeps_enforcement_and_uninstall_removes_everything() {
     // Through upgrades and restarts the kernel keeps enforcing with no daemon at all.
     assert_eq!(
         portguard_programs(&cgroup.root),
-        [1, 1, 1, 1, 1],
+        [1; PORTGUARD_ATTACH_TYPES.len()],
         "still attached"
     );
     assert_eq!(
@@ -368,13 +368,16 @@ fn stopping_keeps_enforcement_and_uninstall_removes_everything() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("removed 5 link(s) and 12 map(s)"),
+        stdout.contains(&format!(
+            "removed {} link(s) and 19 map(s)",
+            PORTGUARD_ATTACH_TYPES.len()
+        )),
         "{stdout}"
     );
     assert!(!cgroup.pin_path().exists(), "no pins left");
     assert_eq!(
         portguard_programs(&cgroup.root),
-        [0, 0, 0, 0, 0],
+        [0; PORTGUARD_ATTACH_TYPES.len()],
         "nothing left attached"
     );
     assert_eq!(errno(&probe(&cgroup.root, &["bind", "tcp", "21505"])[0]), 0);
@@ -415,7 +418,7 @@ fn a_killed_daemon_leaves_enforcement_in_place_and_a_new_one_adopts_it() {
     std::thread::sleep(Duration::from_millis(200));
     let mut second = Daemon::start(&cgroup, &text);
     second.wait_for_log("adopting the pinned state", Duration::from_secs(5));
-    second.wait_for_log("replaced 5 link(s)", Duration::from_secs(5));
+    second.wait_for_log(&format!("replaced {} link(s)", PORTGUARD_ATTACH_TYPES.len()), Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(200));
     std::fs::write(&stop, b"").expect("stop the child");
     let result = child.join().expect("probe thread");
@@ -432,7 +435,7 @@ fn a_killed_daemon_leaves_enforcement_in_place_and_a_new_one_adopts_it() {
     );
     assert_eq!(result[0]["failures"], 0, "{}", result[0]);
     // One program per hook: the earlier links were replaced, not added to.
-    assert_eq!(portguard_programs(&cgroup.root), [1, 1, 1, 1, 1]);
+    assert_eq!(portguard_programs(&cgroup.root), [1; PORTGUARD_ATTACH_TYPES.len()]);
     // The adopted counters carried over the binds made while no daemon ran.
     let steered = second.status()["scopes"][0]["steered"]
         .as_u64()
@@ -624,7 +627,7 @@ fn a_bad_policy_never_starts_and_attaches_nothing() {
         "{log}"
     );
     assert!(log.contains("not starting"), "{log}");
-    assert_eq!(portguard_programs(&cgroup.root), [0, 0, 0, 0, 0]);
+    assert_eq!(portguard_programs(&cgroup.root), [0; PORTGUARD_ATTACH_TYPES.len()]);
 }
 
 #[test]
@@ -662,5 +665,5 @@ fn a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing() {
         .expect("run uninstall");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stop the daemon first"));
-    assert_eq!(portguard_programs(&cgroup.root), [1, 1, 1, 1, 1]);
+    assert_eq!(portguard_programs(&cgroup.root), [1; PORTGUARD_ATTACH_TYPES.len()]);
 }

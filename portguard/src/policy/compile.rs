@@ -2,7 +2,7 @@
 
 use portguard_common::{
     CONFIG_OBSERVE, CONFIG_STRICT, Config, MAX_SCOPES, PortBitmap, RULE_AUDIT, RULE_BIND_LIST,
-    RULE_STRICT, ScopeRule,
+    RULE_SHARE, RULE_STRICT, ScopeRule,
 };
 
 use super::{Mode, Policy, PortRange};
@@ -55,6 +55,9 @@ pub fn compile(policy: &Policy, ids: &[u32]) -> Result<CompiledPolicy, CompileEr
         if scope.strict {
             flags |= RULE_STRICT;
         }
+        if scope.share {
+            flags |= RULE_SHARE;
+        }
         if let Some(list) = &scope.bind {
             flags |= RULE_BIND_LIST;
             let mut bitmap = Box::new(PortBitmap::EMPTY);
@@ -103,6 +106,7 @@ name = "batch"
 cgroup = "batch.slice/a/b"
 ephemeral = "41000-41009"
 mode = "audit"
+share = false
 "#,
         )
         .expect("valid");
@@ -116,7 +120,7 @@ mode = "audit"
                     ScopeRule {
                         range_lo: 40000,
                         range_hi: 40999,
-                        flags: RULE_BIND_LIST | RULE_STRICT
+                        flags: RULE_BIND_LIST | RULE_STRICT | RULE_SHARE
                     }
                 ),
                 (

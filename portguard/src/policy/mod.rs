@@ -66,6 +66,9 @@ pub struct Scope {
     pub mode: Option<Mode>,
     /// Refuse to send from ports the kernel autobound outside the range.
     pub strict: bool,
+    /// connect() shares a port between connections to different destinations (the default),
+    /// or gives each connection a port of its own.
+    pub share: bool,
     /// Where the scope's table starts in the file.
     pub at: Location,
 }

@@ -14,7 +14,7 @@ use toml::{
 use super::{Location, Mode, Policy, PolicyError, PolicyErrors, PortRange, Scope, Selector};
 
 const TOP_KEYS: [&str; 3] = ["mode", "reserve", "scope"];
-const SCOPE_KEYS: [&str; 10] = [
+const SCOPE_KEYS: [&str; 11] = [
     "name",
     "cgroup",
     "unit",
@@ -25,6 +25,7 @@ const SCOPE_KEYS: [&str; 10] = [
     "bind",
     "mode",
     "strict",
+    "share",
 ];
 const SELECTOR_KEYS: [&str; 3] = ["cgroup", "unit", "container"];
 const MAX_NAME_LEN: usize = 64;
@@ -181,19 +182,8 @@ fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>
         None => Some(None),
         Some(value) => parse_mode(value, &["enforce", "audit"], errors).map(Some),
     };
-    let strict = match fields.get("strict") {
-        None => Some(false),
-        Some(value) => match value.get_ref() {
-            DeValue::Boolean(strict) => Some(*strict),
-            other => {
-                errors.push(
-                    value.span(),
-                    format!("`strict` must be true or false, found {}", type_name(other)),
-                );
-                None
-            }
-        },
-    };
+    let strict = parse_flag(fields, "strict", false, errors);
+    let share = parse_flag(fields, "share", true, errors);
     // Pool instances are named `name#block` in a 64-byte map value.
     if let (Some(name), Some(Some(_))) = (&name, &block)
         && name.len() > MAX_POOL_NAME_LEN
@@ -212,8 +202,31 @@ fn parse_scope(fields: &DeTable<'_>, span: Range<usize>, errors: &mut Errors<'_>
         bind: bind?,
         mode: mode?,
         strict: strict?,
+        share: share?,
         at,
     })
+}
+
+/// A `key = true|false` of a scope, `default` when absent.
+fn parse_flag(
+    fields: &DeTable<'_>,
+    key: &str,
+    default: bool,
+    errors: &mut Errors<'_>,
+) -> Option<bool> {
+    let Some(value) = fields.get(key) else {
+        return Some(default);
+    };
+    match value.get_ref() {
+        DeValue::Boolean(flag) => Some(*flag),
+        other => {
+            errors.push(
+                value.span(),
+                format!("`{key}` must be true or false, found {}", type_name(other)),
+            );
+            None
+        }
+    }
 }
 
 /// `ephemeral = "lo-hi"`, or `pool = "lo-hi"` with `block = N` (ports per cgroup).

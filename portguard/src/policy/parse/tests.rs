@@ -61,7 +61,7 @@ fn unknown_keys_at_both_levels() {
         errors,
         [
             "1:1: unknown key `colour` in top level (expected one of: mode, reserve, scope)",
-            "6:1: unknown key `port` in scope (expected one of: name, cgroup, unit, container, ephemeral, pool, block, bind, mode, strict)",
+            "6:1: unknown key `port` in scope (expected one of: name, cgroup, unit, container, ephemeral, pool, block, bind, mode, strict, share)",
         ]
     );
 }
