@@ -22,9 +22,7 @@ use crate::{
     dest::{advance_dest_counter, dest_counter, dest_start},
     events::{Decision, emit},
     maps::SOCKET_TUPLES,
-    port_search::{
-        ConnectionLookup, Found, Local, Shared, bind_exclusive_port, bind_shared_port,
-    },
+    port_search::{ConnectionLookup, Found, Local, Shared, bind_exclusive_port, bind_shared_port},
     scope::{Scope, count, current_scope, hold_port},
 };
 
@@ -180,7 +178,8 @@ fn connect_shared(
         return (Found::error(errno, 0), key);
     }
     let dest = dest_start(&key.remote_addr, remote.port, protocol, size);
-    let start = ((dest.offset as u64 + dest_counter(dest.counter_slot) as u64) % size as u64) as u32;
+    let start =
+        ((dest.offset as u64 + dest_counter(dest.counter_slot) as u64) % size as u64) as u32;
     let shared = Shared {
         key,
         cookie,

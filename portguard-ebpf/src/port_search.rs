@@ -41,8 +41,7 @@ use aya_ebpf::{
     },
     helpers::generated::{
         bpf_bind, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel,
-        bpf_sk_lookup_udp,
-        bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
 };
 use portguard_common::{BUSY_HINT_NS, IPPROTO_TCP, ScopeRule, TupleKey, held_slot};

@@ -1,14 +1,15 @@
 //! Which scope the calling task is in, and the per-scope bookkeeping every hook shares.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_loop},
+    maps::Array,
 };
-use aya_ebpf::maps::Array;
 use portguard_common::{
     Config, Counters, MAX_CGROUP_LEVEL, NO_OWNER, SOCKET_COUNTED, SOCKET_SHARED, ScopeRule,
     SocketRecord,
@@ -46,14 +47,7 @@ pub fn current_scope() -> Option<(Config, Option<Scope>)> {
     };
     let levels = config.max_level - config.min_level + 1;
     // SAFETY: `walk` outlives the loop; the callback only touches it through the pointer.
-    unsafe {
-        bpf_loop(
-            levels,
-            walk_level as *mut c_void,
-            (&raw mut walk).cast(),
-            0,
-        )
-    };
+    unsafe { bpf_loop(levels, walk_level as *mut c_void, (&raw mut walk).cast(), 0) };
     if walk.found == 0 {
         return Some((config, None));
     }

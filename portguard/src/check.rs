@@ -65,7 +65,11 @@ pub fn summary(name: &str, policy: &Policy) -> String {
             bind,
             scope.effective_mode(policy.mode),
             if scope.strict { ", strict" } else { "" },
-            if scope.share { "" } else { ", one connection per port" },
+            if scope.share {
+                ""
+            } else {
+                ", one connection per port"
+            },
         );
     }
     out

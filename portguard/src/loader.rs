@@ -17,8 +17,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use portguard_common::{
     ALL_MAPS, ALL_PROGRAMS, Config, MAP_BIND_ALLOW, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS,
-    MAP_LOST_EVENTS, MAP_PORT_OWNER, MAP_PORT_SECRET, MAP_RESERVED, MAP_RULES, MAP_SCOPE_BY_CGROUP, MAP_SCOPE_NAMES,
-    MAX_SCOPES, NO_OWNER, PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
+    MAP_LOST_EVENTS, MAP_PORT_OWNER, MAP_PORT_SECRET, MAP_RESERVED, MAP_RULES, MAP_SCOPE_BY_CGROUP,
+    MAP_SCOPE_NAMES, MAX_SCOPES, NO_OWNER, PortBitmap, SCOPE_NAME_BYTES, ScopeRule,
 };
 
 use crate::{
@@ -154,9 +154,7 @@ impl Enforcer {
         if got != size_of_val(&key) as isize {
             return Err(LoadError::Random(std::io::Error::last_os_error()));
         }
-        secret
-            .set(0, key, 0)
-            .map_err(map_error(MAP_PORT_SECRET))
+        secret.set(0, key, 0).map_err(map_error(MAP_PORT_SECRET))
     }
 
     /// Writes a policy into the maps, replacing the one in force without a gap: rules and port

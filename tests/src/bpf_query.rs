@@ -25,6 +25,13 @@ pub const PORTGUARD_ATTACH_TYPES: [u32; 9] = [
     BPF_CGROUP_INET_SOCK_RELEASE,
 ];
 
+/// What `portguard_programs` answers when every hook has portguard's program, and when none has.
+pub const ALL_ATTACHED: [u32; PORTGUARD_ATTACH_TYPES.len()] = [1; PORTGUARD_ATTACH_TYPES.len()];
+pub const NONE_ATTACHED: [u32; PORTGUARD_ATTACH_TYPES.len()] = [0; PORTGUARD_ATTACH_TYPES.len()];
+/// Links portguard pins (one per hook) and maps it pins, as `uninstall` reports them.
+pub const PORTGUARD_LINK_COUNT: usize = PORTGUARD_ATTACH_TYPES.len();
+pub const PORTGUARD_MAP_COUNT: usize = 19;
+
 const BPF_PROG_QUERY: libc::c_long = 16;
 
 /// Number of programs attached directly to the cgroup at `dir` for `attach_type`.

@@ -58,7 +58,11 @@ pub fn assert_whole_or_nothing(dir: &Path, when: &str) -> bool {
 /// Exactly one portguard program per hook at `attach`, and the pins hold five links and no
 /// staged leftovers.
 pub fn assert_clean_pins(cgroup: &TestCgroup, attach: &Path, when: &str) {
-    assert_eq!(portguard_programs(attach), [1, 1, 1, 1, 1], "{when}");
+    assert_eq!(
+        portguard_programs(attach),
+        crate::bpf_query::ALL_ATTACHED,
+        "{when}"
+    );
     let pins = pins(cgroup);
     assert_eq!(
         pins.iter().filter(|p| p.starts_with("link_")).count(),

@@ -91,7 +91,7 @@ fn daemon_refuses_to_start_on_each_bad_policy_and_leaves_nothing() {
         );
         assert_eq!(
             portguard_programs(&cgroup.root),
-            [0; 5],
+            portguard_tests::bpf_query::NONE_ATTACHED,
             "daemon refusing `{}` attached programs",
             case.name
         );

@@ -142,7 +142,13 @@ fn a_foreign_socket_bind_filter_and_portguard_both_hold_in_every_order() {
     calls += assert_decisions(&cgroup, &peer, true, true, "after a reload");
     kill9(daemon);
     let mut daemon = Daemon::start(&cgroup, &policy(&cgroup, "2920-2928"));
-    daemon.wait_for_log("replaced 5 link(s)", std::time::Duration::from_secs(5));
+    daemon.wait_for_log(
+        &format!(
+            "replaced {} link(s)",
+            portguard_tests::bpf_query::PORTGUARD_LINK_COUNT
+        ),
+        std::time::Duration::from_secs(5),
+    );
     assert_eq!(portguard_programs(&cgroup.root), [2, 1, 1, 1, 1]);
     assert!(bind_ids(&cgroup.root).contains(&root_id));
     assert_eq!(bind_ids(&web), [web_id]);

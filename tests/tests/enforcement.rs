@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use portguard_tests::{
-    Daemon, EADDRNOTAVAIL, EPERM, Peers, TestCgroup, bpf_query::{PORTGUARD_ATTACH_TYPES, portguard_programs}, errno, port,
-    privileged, probe,
+    Daemon, EADDRNOTAVAIL, EPERM, Peers, TestCgroup,
+    bpf_query::{PORTGUARD_ATTACH_TYPES, portguard_programs},
+    errno, port, privileged, probe,
 };
 
 fn policy(mode: &str, scopes: &[(&str, &str, &str, &str)]) -> String {
@@ -418,7 +419,10 @@ fn a_killed_daemon_leaves_enforcement_in_place_and_a_new_one_adopts_it() {
     std::thread::sleep(Duration::from_millis(200));
     let mut second = Daemon::start(&cgroup, &text);
     second.wait_for_log("adopting the pinned state", Duration::from_secs(5));
-    second.wait_for_log(&format!("replaced {} link(s)", PORTGUARD_ATTACH_TYPES.len()), Duration::from_secs(5));
+    second.wait_for_log(
+        &format!("replaced {} link(s)", PORTGUARD_ATTACH_TYPES.len()),
+        Duration::from_secs(5),
+    );
     std::thread::sleep(Duration::from_millis(200));
     std::fs::write(&stop, b"").expect("stop the child");
     let result = child.join().expect("probe thread");
@@ -435,7 +439,10 @@ fn a_killed_daemon_leaves_enforcement_in_place_and_a_new_one_adopts_it() {
     );
     assert_eq!(result[0]["failures"], 0, "{}", result[0]);
     // One program per hook: the earlier links were replaced, not added to.
-    assert_eq!(portguard_programs(&cgroup.root), [1; PORTGUARD_ATTACH_TYPES.len()]);
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        [1; PORTGUARD_ATTACH_TYPES.len()]
+    );
     // The adopted counters carried over the binds made while no daemon ran.
     let steered = second.status()["scopes"][0]["steered"]
         .as_u64()
@@ -627,7 +634,10 @@ fn a_bad_policy_never_starts_and_attaches_nothing() {
         "{log}"
     );
     assert!(log.contains("not starting"), "{log}");
-    assert_eq!(portguard_programs(&cgroup.root), [0; PORTGUARD_ATTACH_TYPES.len()]);
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        [0; PORTGUARD_ATTACH_TYPES.len()]
+    );
 }
 
 #[test]
@@ -665,5 +675,8 @@ fn a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing() {
         .expect("run uninstall");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stop the daemon first"));
-    assert_eq!(portguard_programs(&cgroup.root), [1; PORTGUARD_ATTACH_TYPES.len()]);
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        [1; PORTGUARD_ATTACH_TYPES.len()]
+    );
 }

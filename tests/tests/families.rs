@@ -58,7 +58,11 @@ ephemeral = "28210-28219"
             let r = pg_connect(&web, &["bind", proto, family, &format!("{loopback}:28212")]);
             assert_eq!(errno(&r), EPERM, "{case}: another scope's port: {r}");
             let r = pg_connect(&web, &["bind", proto, family, &format!("{loopback}:28250")]);
-            assert_eq!((errno(&r), port(&r)), (0, 28250), "{case}: a free port: {r}");
+            assert_eq!(
+                (errno(&r), port(&r)),
+                (0, 28250),
+                "{case}: a free port: {r}"
+            );
             // Rule 4: a socket in no scope may not take a scope's port.
             let r = pg_connect(&outside, &["bind", proto, family, &format!("{any}:28201")]);
             assert_eq!(errno(&r), EPERM, "{case}: unscoped into a range: {r}");
@@ -66,8 +70,7 @@ ephemeral = "28210-28219"
             let peer = std::net::TcpListener::bind(format!("{loopback}:0"))
                 .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
                 .expect("listener");
-            let udp_peer =
-                std::net::UdpSocket::bind(format!("{loopback}:0")).expect("udp peer");
+            let udp_peer = std::net::UdpSocket::bind(format!("{loopback}:0")).expect("udp peer");
             let dest = if proto == "tcp" {
                 peer.local_addr().expect("addr").to_string()
             } else {
@@ -109,7 +112,11 @@ ephemeral = "28210-28219"
             .map(|port| port.as_u64().expect("port"))
             .collect();
         ports.sort_unstable();
-        assert_eq!(ports, [28200, 28201, 28202, 28203], "{proto}: the whole range: {r}");
+        assert_eq!(
+            ports,
+            [28200, 28201, 28202, 28203],
+            "{proto}: the whole range: {r}"
+        );
         assert_eq!(errno(&r), EADDRNOTAVAIL, "{proto}: then exhaustion: {r}");
     }
 }

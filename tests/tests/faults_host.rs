@@ -75,7 +75,10 @@ fn without_bpffs_the_daemon_mounts_it_and_a_pin_path_elsewhere_is_refused() {
         root,
     ]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        portguard_tests::bpf_query::NONE_ATTACHED
+    );
     drop(ns);
 
     // No bpffs, and mount(2) denied (as a service manager's syscall filter would): a refusal.
@@ -88,7 +91,10 @@ fn without_bpffs_the_daemon_mounts_it_and_a_pin_path_elsewhere_is_refused() {
         "{log}"
     );
     assert_eq!(bpffs(&ns), 0, "nothing mounted");
-    assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        portguard_tests::bpf_query::NONE_ATTACHED
+    );
     assert!(!reserved_any(2270, 2279));
     drop(ns);
 
@@ -107,7 +113,10 @@ fn without_bpffs_the_daemon_mounts_it_and_a_pin_path_elsewhere_is_refused() {
         "{log}"
     );
     assert!(!elsewhere.exists(), "nothing created");
-    assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        portguard_tests::bpf_query::NONE_ATTACHED
+    );
     assert!(!reserved_any(2270, 2279));
     record(
         "faults-4-bpffs",
@@ -134,7 +143,10 @@ fn a_missing_or_read_only_cgroup2_is_refused_or_enforced() {
         assert!(log.contains(message), "{log}");
         assert!(pins(&cgroup).is_empty(), "nothing pinned: {log}");
         assert!(!cgroup.pin_path().exists());
-        assert_eq!(portguard_programs(&cgroup.root), [0; 5]);
+        assert_eq!(
+            portguard_programs(&cgroup.root),
+            portguard_tests::bpf_query::NONE_ATTACHED
+        );
         assert!(!reserved_any(2280, 2289));
     };
     // An attach point that does not exist.
@@ -170,7 +182,10 @@ fn a_missing_or_read_only_cgroup2_is_refused_or_enforced() {
     let both = text.clone() + &scope("late", &cgroup.rel("late"), "2290-2299");
     let mut daemon = spawn_daemon(&cgroup, &both, &[], Some(&ns));
     daemon.wait_for_log("ready", Duration::from_secs(30));
-    assert_eq!(portguard_programs(&cgroup.root), [1; 5]);
+    assert_eq!(
+        portguard_programs(&cgroup.root),
+        portguard_tests::bpf_query::ALL_ATTACHED
+    );
     let mut sockets = assert_steered(&web, &peer, (2280, 2289), "read-only cgroup2");
     // A cgroup made later (outside the namespace) is still followed.
     let late = cgroup.child("late");
@@ -224,7 +239,10 @@ fn a_cgroup_another_program_holds_exclusively_is_refused_with_nothing_left_attac
         "{log}"
     );
     assert!(
-        log.contains("removed the 12 map(s) this daemon pinned"),
+        log.contains(&format!(
+            "removed the {} map(s) this daemon pinned",
+            portguard_tests::bpf_query::PORTGUARD_MAP_COUNT
+        )),
         "{log}"
     );
     // Only the foreign program is attached, nothing is pinned or reserved, and the scope's
@@ -398,7 +416,11 @@ fn a_policy_file_deleted_truncated_or_renamed_over_is_refused_or_applied_whole()
             daemon.log()
         );
         sockets += assert_steered(&web, &peer, (2320, 2329), how);
-        assert_eq!(portguard_programs(&cgroup.root), [1; 5], "{how}");
+        assert_eq!(
+            portguard_programs(&cgroup.root),
+            portguard_tests::bpf_query::ALL_ATTACHED,
+            "{how}"
+        );
     };
     let name = path.display().to_string();
     std::fs::remove_file(&path).expect("delete the policy");

@@ -64,7 +64,14 @@ fn kill_9_while_loading_leaves_all_hooks_or_none_and_a_restart_is_correct() {
         assert_eq!(code, Some(0));
         if !fresh {
             let out = uninstall(&cgroup, &cgroup.root);
-            assert!(out.contains("removed 5 link(s) and 12 map(s)"), "{out}");
+            assert!(
+                out.contains(&format!(
+                    "removed {} link(s) and {} map(s)",
+                    portguard_tests::bpf_query::PORTGUARD_LINK_COUNT,
+                    portguard_tests::bpf_query::PORTGUARD_MAP_COUNT
+                )),
+                "{out}"
+            );
             assert!(
                 !reserved_any(2100, 2109),
                 "reservation left after uninstall"
@@ -133,7 +140,11 @@ fn kill_9_during_a_reload_leaves_old_or_new_ranges_and_a_restart_applies_the_fil
         let log = kill9(daemon);
         kills += 1;
         let when = format!("round {round}, log:\n{log}");
-        assert_eq!(portguard_programs(&cgroup.root), [1, 1, 1, 1, 1], "{when}");
+        assert_eq!(
+            portguard_programs(&cgroup.root),
+            portguard_tests::bpf_query::ALL_ATTACHED,
+            "{when}"
+        );
         // Each scope is in its old range or its new one, never unscoped or elsewhere.
         let (old, new) = (ranges(!second), ranges(second));
         for (dir, old, new) in [(&web, old.0, new.0), (&db, old.1, new.1)] {
@@ -349,7 +360,10 @@ fn a_restart_under_a_bind_flood_judges_every_call_once() {
     producer.finish();
     assert_eq!(flooded["failures"], FLOOD, "{flooded}");
     assert!(
-        second.log().contains("replaced 5 link(s)"),
+        second.log().contains(&format!(
+            "replaced {} link(s)",
+            portguard_tests::bpf_query::PORTGUARD_LINK_COUNT
+        )),
         "{}",
         second.log()
     );

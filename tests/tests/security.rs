@@ -437,7 +437,7 @@ fn refused_start(cgroup: &TestCgroup, socket: &Path, expect: &str) {
     );
     assert_eq!(
         portguard_programs(&cgroup.root),
-        [0; 5],
+        portguard_tests::bpf_query::NONE_ATTACHED,
         "attached before refusing"
     );
 }

@@ -127,7 +127,11 @@ fn eight_ports_carry_thirty_two_connections_to_four_peers() {
             "{case}: every source port in range: {pairs:?}"
         );
         let unique: BTreeSet<_> = pairs.iter().collect();
-        assert_eq!(unique.len(), 32, "{case}: no duplicate connection: {pairs:?}");
+        assert_eq!(
+            unique.len(),
+            32,
+            "{case}: no duplicate connection: {pairs:?}"
+        );
         let mut per_port = BTreeMap::new();
         for (port, _) in &pairs {
             *per_port.entry(*port).or_insert(0) += 1;
