@@ -116,7 +116,7 @@ pub fn pg_sock_release(ctx: SockContext) -> i32 {
         protocol: sock.protocol as u8,
         local_port: (record.slot & 0xffff) as u16,
         remote_addr,
-        remote_port: u16::from_be(sock.dst_port as u16),
+        remote_port: u16::from_be(sock.dst_port),
         attempts: 0,
         errno: 0,
     });
@@ -154,7 +154,7 @@ fn remote_of(sock: &bpf_sock) -> (u16, [u32; 4]) {
 #[inline(always)]
 fn release_connection(cookie: u64, sock: &bpf_sock) {
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(&key) = (unsafe { SOCKET_TUPLES.get(&cookie) }) else {
+    let Some(&key) = (unsafe { SOCKET_TUPLES.get(cookie) }) else {
         return;
     };
     let closes_first = matches!(
@@ -164,13 +164,13 @@ fn release_connection(cookie: u64, sock: &bpf_sock) {
     if sock.protocol == IPPROTO_TCP as u32 && closes_first {
         // SAFETY: plain helper call.
         let ends = unsafe { bpf_ktime_get_ns() } + TIME_WAIT_NS;
-        let _ = TIME_WAIT.insert(&key, &ends, BPF_ANY as u64);
+        let _ = TIME_WAIT.insert(key, ends, BPF_ANY as u64);
     }
     // SAFETY: compared at once.
-    if unsafe { TUPLES.get(&key) } == Some(&cookie) {
-        let _ = TUPLES.remove(&key);
+    if unsafe { TUPLES.get(key) } == Some(&cookie) {
+        let _ = TUPLES.remove(key);
     }
-    let _ = SOCKET_TUPLES.remove(&cookie);
+    let _ = SOCKET_TUPLES.remove(cookie);
 }
 
 /// UDP sendto() on an unbound socket: the kernel has already autobound it from its own range by
