@@ -28,6 +28,16 @@ pub const PORTGUARD_ATTACH_TYPES: [u32; 9] = [
 /// What `portguard_programs` answers when every hook has portguard's program, and when none has.
 pub const ALL_ATTACHED: [u32; PORTGUARD_ATTACH_TYPES.len()] = [1; PORTGUARD_ATTACH_TYPES.len()];
 pub const NONE_ATTACHED: [u32; PORTGUARD_ATTACH_TYPES.len()] = [0; PORTGUARD_ATTACH_TYPES.len()];
+/// What `portguard_programs` answers when every hook has `all` programs but `attach_type`,
+/// which has `count`.
+pub fn attached_except(
+    all: u32,
+    attach_type: u32,
+    count: u32,
+) -> [u32; PORTGUARD_ATTACH_TYPES.len()] {
+    PORTGUARD_ATTACH_TYPES.map(|hook| if hook == attach_type { count } else { all })
+}
+
 /// Links portguard pins (one per hook) and maps it pins, as `uninstall` reports them.
 pub const PORTGUARD_LINK_COUNT: usize = PORTGUARD_ATTACH_TYPES.len();
 pub const PORTGUARD_MAP_COUNT: usize = 19;

@@ -55,8 +55,8 @@ pub fn assert_whole_or_nothing(dir: &Path, when: &str) -> bool {
     whole
 }
 
-/// Exactly one portguard program per hook at `attach`, and the pins hold five links and no
-/// staged leftovers.
+/// Exactly one portguard program per hook at `attach`, and the pins hold one link per hook and
+/// no staged leftovers.
 pub fn assert_clean_pins(cgroup: &TestCgroup, attach: &Path, when: &str) {
     assert_eq!(
         portguard_programs(attach),
@@ -66,7 +66,7 @@ pub fn assert_clean_pins(cgroup: &TestCgroup, attach: &Path, when: &str) {
     let pins = pins(cgroup);
     assert_eq!(
         pins.iter().filter(|p| p.starts_with("link_")).count(),
-        5,
+        crate::bpf_query::PORTGUARD_LINK_COUNT,
         "{when}: {pins:?}"
     );
     assert!(

@@ -341,7 +341,7 @@ fn a_restart_under_a_bind_flood_judges_every_call_once() {
     first.wait_for_log("ready", Duration::from_secs(30));
     // bind(0) on a bound socket, over and over, flat out (a paced flood pauses between bursts,
     // and could miss the handover): each call is steered once, then fails EINVAL.
-    const FLOOD: u64 = 1_000_000;
+    const FLOOD: u64 = 4_000_000;
     let mut producer =
         RunningProbe::spawn(&flood, &["rebind-loop", "udp", "0", &FLOOD.to_string()]);
     std::thread::sleep(Duration::from_millis(300));

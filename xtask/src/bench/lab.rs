@@ -8,8 +8,9 @@
 //!     caller/        B1
 //!   pg/              the release daemon attached
 //!     caller/        P: under the attach point, in no scope
-//!     scope/         S: in the scope `bench`, range SCOPE_RANGE
-//!     shared/        S-share: the same with destination sharing, when this build has it
+//!     scope/         S: in the scope `bench`, range SCOPE_RANGE, a port per connection
+//!                    (`share = false`, as before destination sharing)
+//!     shared/        S-share: the same with destination sharing (the default)
 //!     other/         a second scope whose range a denied bind aims at
 //! ```
 //!
@@ -297,7 +298,7 @@ fn policy(relative: &str, share: bool) -> String {
     };
     // The host's ip_local_reserved_ports is left alone: the probes run in namespaces of their own.
     let mut policy = "mode = \"enforce\"\nreserve = false\n".to_owned();
-    policy += &scope("bench", "scope", SCOPE_RANGE, "");
+    policy += &scope("bench", "scope", SCOPE_RANGE, "share = false\n");
     policy += &scope("other", "other", OTHER_RANGE, "");
     if share {
         policy += &scope(
