@@ -405,28 +405,23 @@ impl Enforcer {
             .ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram(name))?;
-        // Single creates a BPF link, which coexists with other programs on the cgroup.
+        // Single creates a BPF link, which coexists with other programs on the cgroup. The two
+        // program types share no trait for this, hence the macro.
+        macro_rules! attach_single {
+            ($program:expr) => {{
+                let id = $program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                let link = $program
+                    .take_link(id)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                link.try_into()
+                    .map_err(|source| LoadError::Link { name, source })
+            }};
+        }
         match program {
-            Program::CgroupSockAddr(program) => {
-                let id = program
-                    .attach(cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                let link = program
-                    .take_link(id)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                link.try_into()
-                    .map_err(|source| LoadError::Link { name, source })
-            }
-            Program::CgroupSock(program) => {
-                let id = program
-                    .attach(cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                let link = program
-                    .take_link(id)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                link.try_into()
-                    .map_err(|source| LoadError::Link { name, source })
-            }
+            Program::CgroupSockAddr(program) => attach_single!(program),
+            Program::CgroupSock(program) => attach_single!(program),
             _ => Err(LoadError::MissingProgram(name)),
         }
     }

@@ -6,6 +6,7 @@ pub mod bpf_query;
 pub mod bpf_raw;
 pub mod checks;
 pub mod faults;
+pub mod loopback;
 pub mod reliability;
 
 use std::{

@@ -26,6 +26,8 @@ use serde_json::Value;
 
 const PROCESSES: usize = 8;
 const CONNECTS: u64 = 10_000;
+/// TCP connects per probe the kernel may refuse (see the assertion).
+const KERNEL_REFUSED_BUDGET: u64 = 2;
 /// Scopes and their ranges: two probes in each.
 const SCOPES: [(&str, u16, u16); 4] = [
     ("a", 2400, 2499),
@@ -137,18 +139,35 @@ fn connects_under_reloads_every_100_ms_stay_in_range_and_every_event_is_accounte
     let answers = reloader.join().expect("reloader");
 
     // Zero sockets outside their range, zero failures.
-    let (mut tcp, mut udp) = (0, 0);
+    let (mut tcp, mut udp, mut refused_by_kernel) = (0, 0, 0);
     for (name, result) in &results {
         assert_eq!(result["count"], CONNECTS, "{name}: {result}");
         assert_eq!(
             result["outside"], 0,
             "{name}: sockets outside the range: {result}"
         );
-        assert_eq!(result["failures"], 0, "{name}: {result}");
+        // portguard refuses none of them (its counters are checked below). The kernel may
+        // refuse a TCP connect now and then: a shared port's connection is given back when its
+        // socket closes, a moment before the kernel has torn it down, and under this churn (one
+        // peer, 100 ports, reset on close) about 1 connect in 40,000 meets the one before it
+        // (README, Current limits). A budget, not zero, so that this stays a test of reloads.
+        let failures = result["failures"].as_u64().expect("failures");
+        assert!(
+            failures <= KERNEL_REFUSED_BUDGET,
+            "{name}: more connects refused than the budget: {result}"
+        );
+        if failures > 0 {
+            let errno = result["errno"].as_i64().expect("errno");
+            assert!(
+                errno == i64::from(libc::EADDRNOTAVAIL) || errno == i64::from(libc::ECONNREFUSED),
+                "{name}: refused with an unexpected errno: {result}"
+            );
+        }
+        refused_by_kernel += failures;
         tcp += result["tcp"].as_u64().expect("tcp");
         udp += result["udp"].as_u64().expect("udp");
     }
-    let connects = tcp + udp;
+    let connects = tcp + udp + refused_by_kernel;
     assert_eq!(connects, PROCESSES as u64 * CONNECTS);
 
     // Every reload answered ok, and the daemon logged no error or warning.
@@ -200,6 +219,11 @@ fn connects_under_reloads_every_100_ms_stay_in_range_and_every_event_is_accounte
             .map(|(_, r)| r["count"].as_u64().expect("count"))
             .sum();
         assert_eq!(scope["steered"], made, "{name}: {scope}");
+        assert_eq!(
+            (&scope["exhausted"], &scope["denied"]),
+            (&serde_json::json!(0), &serde_json::json!(0)),
+            "{name}: portguard refused nothing: {scope}"
+        );
         assert_eq!(scope["in_use"], 0, "{name}: {scope}");
         // Two probes, each holding one socket at a time.
         assert!(

@@ -29,6 +29,7 @@
 
 use std::{collections::HashSet, fs, io, os::fd::RawFd};
 
+use portguard_tests::loopback::{self, connect, local_port, set_linger0, socket};
 use serde_json::json;
 
 const LISTEN_SAME: u16 = 5000;
@@ -115,7 +116,7 @@ fn main() {
             "udp" => (socket(libc::SOCK_DGRAM), None),
             "tcp" => {
                 let fd = socket(libc::SOCK_STREAM);
-                abort_on_close(fd);
+                set_linger0(fd);
                 (fd, None)
             }
             "bind-range" => {
@@ -344,90 +345,14 @@ fn drain(listener: RawFd) {
     }
 }
 
-/// close() then sends a reset instead of entering TIME_WAIT.
-fn abort_on_close(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid fd and option value.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    check(ret, "SO_LINGER");
-}
-
-fn socket(kind: i32) -> RawFd {
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind, 0) };
-    check(fd, "socket");
-    fd
+/// Binds to 127.0.0.1:`port`.
+fn bind(fd: RawFd, port: u16) -> io::Result<()> {
+    loopback::bind(fd, &loopback::loopback(port))
 }
 
 fn close(fd: RawFd) {
     // SAFETY: closing our own fd.
     unsafe { libc::close(fd) };
-}
-
-fn loopback(port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-fn bind(fd: RawFd, port: u16) -> io::Result<()> {
-    let addr = loopback(port);
-    // SAFETY: valid fd and address.
-    let ret = unsafe {
-        libc::bind(
-            fd,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn connect(fd: RawFd, port: u16) -> io::Result<()> {
-    let addr = loopback(port);
-    // SAFETY: valid fd and address.
-    let ret = unsafe {
-        libc::connect(
-            fd,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn local_port(fd: RawFd) -> u16 {
-    // SAFETY: zeroed sockaddr_in is valid; getsockname fills it.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_in>() as u32;
-    // SAFETY: valid fd and out-pointers.
-    let ret = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut len) };
-    check(ret, "getsockname");
-    u16::from_be(addr.sin_port)
 }
 
 fn check(ret: i32, what: &str) {

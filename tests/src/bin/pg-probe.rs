@@ -34,6 +34,8 @@
 
 use std::{io, os::fd::RawFd};
 
+use portguard_tests::loopback::{self, connect, local_port, set_linger0};
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((cgroup, ops)) = args.split_first() else {
@@ -312,26 +314,12 @@ fn socket(proto: &str) -> RawFd {
         "udp" => libc::SOCK_DGRAM,
         other => panic!("unknown protocol {other}"),
     };
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind, 0) };
-    assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
-    fd
-}
-
-fn loopback(port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-        },
-        sin_zero: [0; 8],
-    }
+    loopback::socket(kind)
 }
 
 /// Sends one byte to 127.0.0.1:`port` and returns the socket's local port.
 fn send_to(fd: RawFd, port: u16) -> io::Result<u16> {
-    let addr = loopback(port);
+    let addr = loopback::loopback(port);
     // SAFETY: valid fd, buffer and address.
     let sent = unsafe {
         libc::sendto(
@@ -349,66 +337,7 @@ fn send_to(fd: RawFd, port: u16) -> io::Result<u16> {
     Ok(local_port(fd))
 }
 
+/// Binds to the wildcard address and `port`.
 fn bind(fd: RawFd, port: u16) -> io::Result<()> {
-    let mut addr = loopback(port);
-    addr.sin_addr.s_addr = 0;
-    // SAFETY: valid fd and address.
-    let ret = unsafe {
-        libc::bind(
-            fd,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn connect(fd: RawFd, port: u16) -> io::Result<()> {
-    let addr = loopback(port);
-    // SAFETY: valid fd and address.
-    let ret = unsafe {
-        libc::connect(
-            fd,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// SO_LINGER with a zero timeout: close() sends a reset instead of a FIN.
-fn set_linger0(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid fd and option buffer.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(ret, 0, "SO_LINGER: {}", io::Error::last_os_error());
-}
-
-fn local_port(fd: RawFd) -> u16 {
-    // SAFETY: zeroed sockaddr_in is valid; getsockname fills it.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_in>() as u32;
-    // SAFETY: valid fd and out-pointers.
-    let ret = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut len) };
-    assert_eq!(ret, 0, "getsockname: {}", io::Error::last_os_error());
-    u16::from_be(addr.sin_port)
+    loopback::bind(fd, &loopback::sockaddr([0; 4], port))
 }
