@@ -279,8 +279,9 @@ fn a_cgroup_another_program_holds_exclusively_is_refused_with_nothing_left_attac
     record(
         "faults-6-attach-refused",
         &[format!(
-            "a cgroup another program holds exclusively: start refused, 0 of 5 programs left \
+            "a cgroup another program holds exclusively: start refused, 0 of {} programs left \
              attached, 0 pins, 0 ports reserved; {} sockets checked",
+            portguard_tests::bpf_query::PORTGUARD_LINK_COUNT,
             sockets + r.len()
         )],
     );
