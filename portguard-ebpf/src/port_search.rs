@@ -358,6 +358,11 @@ impl Search {
                 return;
             };
             if !kernel_holds_connection(self, port) {
+                // Whatever the programs recorded of this connection's end (a TIME_WAIT that a
+                // reset cut short, or that the kernel reused) is over: the first pass may take
+                // it at once instead of searching on.
+                self.key.local_port = port as u16;
+                let _ = TIME_WAIT.remove(&self.key);
                 return;
             }
             let size = self.size;
@@ -467,10 +472,10 @@ unsafe extern "C" fn shared_first_pass(index: u64, search: *mut Search) -> i64 {
     search.claim_and_bind(port, slot)
 }
 
-/// The second pass, when the first found nothing: every port nobody holds alone, connections
-/// closed recently included: the kernel decides whether a TIME_WAIT may be reused, as it does
-/// for its own ports. The destination's order makes the first such port the one whose
-/// connection closed longest ago, the likeliest to be reusable.
+/// The second pass, when the first found nothing: every port nobody holds alone and that was
+/// not busy a moment ago, connections closed recently included: the kernel decides whether a
+/// TIME_WAIT may be reused, as it does for its own ports. The destination's order makes the
+/// first such port the one whose connection closed longest ago, the likeliest to be reusable.
 unsafe extern "C" fn shared_second_pass(index: u64, search: *mut Search) -> i64 {
     // SAFETY: bpf_loop hands back the pointer `search` passed in.
     let search = unsafe { &mut *search };
@@ -481,7 +486,10 @@ unsafe extern "C" fn shared_second_pass(index: u64, search: *mut Search) -> i64 
     // next connection does not start on the connection just given up.
     search.examined += 1;
     let slot = held_slot(search.protocol, port);
-    if port_held(slot) {
+    // Ports busy a moment ago are still skipped: asking the kernel about each of them again
+    // costs a failed bind apiece, hundreds of microseconds in a nearly full range. A port
+    // freed by a socket the programs do not know is found again within `BUSY_HINT_NS`.
+    if port_held(slot) || search.busy_a_moment_ago(slot) {
         return 0;
     }
     search.key.local_port = port as u16;
